@@ -1,0 +1,57 @@
+"""Small builders shared by the trainer tests: a tiny corpus config and journal readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO
+
+TINY_DOMAINS = (
+    f"data.domains=[{{name: prose, kind: files, paths: ['{REPO}/tests/data/prose/*']}},"
+    f"{{name: code, kind: files, paths: ['{REPO}/tests/data/code.jsonl']}}]"
+)
+
+
+def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
+    """A micro proxy on the repo's 8 KB test corpus, journaled locally, single-threaded."""
+    return [
+        "model=micro_xxs",
+        "data.name=tiny",
+        "data.vocab_size=300",
+        "data.seq_len=32",
+        "data.val_fraction=0.1",
+        f"data.cache_dir={tmp}/data",
+        TINY_DOMAINS,
+        "optim.batch_size=8",
+        "optim.lr=0.01",
+        "train.threads=1",
+        "train.eval_tokens=512",
+        "train.progress=false",
+        "tracker=jsonl",
+        f"run_dir={tmp}/runs",
+        *extra,
+    ]
+
+
+def journal_metrics(path: Path) -> dict[str, dict[int, float]]:
+    """metric name → {step: value} from a run journal (the last value per step wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for line in path.read_text().splitlines():
+        ev: dict[str, Any] = json.loads(line)
+        if ev.get("ev") == "metrics":
+            for k, v in ev["values"].items():
+                out.setdefault(k, {})[int(ev["step"])] = v
+    return out
+
+
+def journal_counts(path: Path) -> dict[tuple[str, int], int]:
+    """How many times each (metric, step) was journaled."""
+    counts: dict[tuple[str, int], int] = {}
+    for line in path.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("ev") == "metrics":
+            for k in ev["values"]:
+                counts[(k, int(ev["step"]))] = counts.get((k, int(ev["step"])), 0) + 1
+    return counts

@@ -1,0 +1,212 @@
+"""The MLflow side of tracking: one client per URI, and what each journal has delivered.
+
+The journal (``journal.jsonl``) is the source of truth and MLflow a replica. What has reached a
+given tracking URI is recorded beside the journal in ``journal.synced``: the byte offset of the
+last delivered event and the local → MLflow run-id map, per URI.
+
+``import mlflow`` happens on first contact with a server, never at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("windtunnel.tracking")
+
+SYNCED_NAME = "journal.synced"
+PROBE_TIMEOUT_S = 2.0
+MAX_METRICS, MAX_PARAMS_TAGS = 1000, 100
+MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000
+
+CLIENT_ENV = {
+    # An absent server must cost seconds, not MLflow's default 7 retries x 120 s timeouts.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # set_terminated would otherwise fetch the run and print a URL for every run.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+"""Set with ``os.environ.setdefault`` before the first client is made (a user's value wins)."""
+
+
+class Offline(ConnectionError):
+    """The tracking server cannot take the data now (unreachable, 5xx, waiting for a parent)."""
+
+
+def configure_client_env() -> None:
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Cheap reachability check (``GET /health``) before paying for MLflow's own requests."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code < 500  # answering, even if /health is not its path
+    except (OSError, ValueError):
+        return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble and server errors are retried later; a 4xx rejection is not."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, RestException):
+        code = exc.get_http_status_code()
+        return code >= 500 or code == 429
+    if isinstance(exc, MlflowException | ConnectionError | TimeoutError):
+        return True
+    return type(exc).__module__.startswith(("requests", "urllib3"))
+
+
+# ----------------------------------------------------------------------------------------------
+# delivery state (the sidecar)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncState:
+    """How much of one journal one tracking URI has received."""
+
+    path: Path
+    uri: str
+    offset: int = 0
+    current: str | None = None
+    """Local id of the run the events at ``offset`` belong to."""
+    runs: dict[str, str] = field(default_factory=dict)
+    """Local run id → MLflow run id."""
+    experiment_ids: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, journal: Path, uri: str) -> SyncState:
+        path = journal.with_name(SYNCED_NAME)
+        state = cls(path=path, uri=uri)
+        try:
+            target = json.loads(path.read_text())["targets"].get(uri)
+        except (OSError, ValueError, KeyError, TypeError):
+            target = None
+        if target:
+            state.offset = int(target.get("offset", 0))
+            state.current = target.get("current")
+            state.runs = dict(target.get("runs", {}))
+            state.experiment_ids = dict(target.get("experiment_ids", {}))
+        return state
+
+    def save(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text())
+            assert isinstance(doc["targets"], dict)
+        except (OSError, ValueError, KeyError, TypeError):
+            doc = {"version": 1, "targets": {}}
+        doc["targets"][self.uri] = {
+            "offset": self.offset,
+            "current": self.current,
+            "runs": self.runs,
+            "experiment_ids": self.experiment_ids,
+        }
+        tmp = self.path.with_name(f".{SYNCED_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the MLflow side: one client per tracking URI
+# ----------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """An :class:`mlflow.MlflowClient` bound to one tracking URI (never the fluent global)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client: Any = None
+        self.experiments: dict[str, str] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            configure_client_env()
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def experiment_id(self, name: str) -> str:
+        if name not in self.experiments:
+            from mlflow.exceptions import MlflowException
+
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    self.experiments[name] = self.client.create_experiment(name)
+                    return self.experiments[name]
+                except MlflowException as e:  # created by another process meanwhile
+                    if is_transient(e):
+                        raise
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiments[name] = exp.experiment_id
+        return self.experiments[name]
+
+    def create_run(self, start: Mapping[str, Any], parent_mlflow_id: str | None) -> str:
+        """Create the MLflow run of a journal ``start`` event, with its params; return its id."""
+        from mlflow.entities import Param, RunTag
+
+        exp_id = self.experiment_id(start["experiment"])
+        tags = {
+            **start.get("tags", {}),
+            "mlflow.runName": start["name"],
+            "wt.run_dir": str(start.get("run_dir", "")),
+        }
+        if parent_mlflow_id:
+            tags["mlflow.parentRunId"] = parent_mlflow_id
+        with contextlib.suppress(Exception):
+            import getpass
+
+            tags.setdefault("mlflow.user", getpass.getuser())
+        run = self.client.create_run(
+            exp_id,
+            start_time=start.get("t"),
+            tags={k: str(v)[:MAX_TAG_LEN] for k, v in tags.items() if v != ""},
+            run_name=start["name"],
+        )
+        mid = run.info.run_id
+        local_id = start.get("run_id") or mid
+        params = [Param(k, v[:MAX_PARAM_LEN]) for k, v in start.get("params", {}).items()]
+        self.client.log_batch(
+            mid, params=params[:MAX_PARAMS_TAGS], tags=[RunTag("wt.run_id", local_id)]
+        )
+        for i in range(MAX_PARAMS_TAGS, len(params), MAX_PARAMS_TAGS):
+            self.client.log_batch(mid, params=params[i : i + MAX_PARAMS_TAGS])
+        return mid
+
+    def find_run(self, start: Mapping[str, Any]) -> str | None:
+        """The MLflow run already created for this local run id (a lost sidecar), if any."""
+        exp_id = self.experiment_id(start["experiment"])
+        found = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`wt.run_id` = '{start['run_id']}'", max_results=1
+        )
+        return found[0].info.run_id if found else None
+
+    def warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)

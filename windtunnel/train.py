@@ -1,0 +1,458 @@
+"""One training run: a stable trunk with WSD decay branches, tracked, checkpointed, resumable.
+
+Layout of a run folder (``run_dir/<name>/``)::
+
+    config.json            the resolved config (also logged to MLflow)
+    ckpt/<segment>.pt      latest state of a segment (periodic and on stop), for resume
+    ckpt/fork-<D>.pt       the trunk at the start of the decay branch that ends at D tokens
+    points/<D>.json        finished result of that branch (a rerun skips it)
+    result.json            the run's result (a rerun of a finished run just returns it)
+    journal.jsonl          every metric point, also when the tracking server is away
+
+A run without branches is a single segment ending in its own decay; with branches the trunk runs
+the stable phase, and each branch forks from its checkpoint into its own decay (its own nested
+MLflow run, tagged ``wt.point=true``), so a ladder of m budgets costs one run, not m.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from windtunnel.config import Resolved, RunConfig, resolve, to_dict
+from windtunnel.engine import Diverged, Engine, Preempted, schedule_for
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class PointResult:
+    """A finished (decayed) point of the data–model law."""
+
+    tokens: int
+    N: int
+    D: int
+    flops: float
+    val_loss: float
+    val_bpb: float
+    domains: dict[str, dict[str, float]]
+    run_id: str
+
+
+@dataclass
+class TrainResult:
+    status: str
+    """``finished``, ``diverged`` or ``preempted``."""
+    run_id: str
+    tracking_uri: str
+    run_dir: str
+    N: int
+    tokens: int
+    flops: float
+    initial_val_loss: float
+    val_loss: float
+    val_bpb: float
+    failure: str | None = None
+    points: list[PointResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["branches"] = out.pop("points")
+        return out
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The part of a config that determines the run's results (not where it is tracked)."""
+    d = json.loads(json.dumps(to_dict(cfg), default=str))
+    for key in ("tracker", "resume", "run_dir", "name", "stage"):
+        d.pop(key)
+    for key in ("progress", "device", "threads"):
+        d["train"].pop(key)
+    return d
+
+
+def run_name(cfg: RunConfig) -> str:
+    """Stable name: the same config resumes the same run folder."""
+    if cfg.name:
+        return cfg.name
+    digest = hashlib.sha1(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.model.name}-{digest}"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
+    """Refuse to resume a run folder with a different config (results would be mixed)."""
+    a, b = _flat(saved), _flat(identity(cfg))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise ValueError(
+            f"run folder {where} holds a run with a different config ({shown}); "
+            "give this run another name=..., or pass resume=false to start it over"
+        )
+
+
+def _json_write(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _show_progress(cfg: RunConfig) -> bool:
+    return cfg.train.progress and not os.environ.get("WINDTUNNEL_NO_PROGRESS")
+
+
+@contextmanager
+def stop_on_signals(engine: Engine, enabled: bool) -> Iterator[None]:
+    """SIGUSR2 (SLURM preemption) and SIGTERM ask the engine to checkpoint and stop."""
+    if not enabled:
+        yield
+        return
+    sigs = [signal.SIGUSR2, signal.SIGTERM]
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum: int, frame: Any) -> None:
+        engine.stop_requested = True
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Segment:
+    """Runs the engine over [start, stop) of one schedule, logging and checkpointing."""
+
+    def __init__(self, trainer: Trainer, name: str, run: Any, point_index: int) -> None:
+        self.t, self.name, self.run, self.point_index = trainer, name, run, point_index
+        self.ckpt = trainer.dir / "ckpt" / f"{name}.pt"
+        self.logged_file = trainer.dir / "ckpt" / f"{name}.logged.json"
+        self.logged = {"train": -1, "eval": -1}
+        if self.logged_file.exists():
+            self.logged = json.loads(self.logged_file.read_text())
+
+    def log(self, step: int, metrics: dict[str, float], group: str) -> None:
+        """Log once per (step, group): after a kill, resume replays the same values
+        deterministically, so points already sent are skipped instead of duplicated."""
+        if step <= self.logged[group]:
+            return
+        tokens = step * self.t.res.tokens_per_step
+        if group == "train" or step == 0:  # once per step: the train log carries the x axes
+            metrics = {**metrics, "tokens": tokens, "flops": tokens * self.t.res.flops_per_token}
+        self.run.log_metrics(metrics, step=tokens)
+        self.logged[group] = step
+        _json_write(self.logged_file, self.logged)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        metrics = self.t.eval_metrics()
+        self.log(step, metrics, "eval")
+        return metrics
+
+    def train(self, stop: int, forks: dict[int, Path] | None = None) -> None:
+        t, res = self.t, self.t.res
+        schedule = schedule_for(res, self.point_index)
+        every, ckpt_every = res.eval_every_steps, res.checkpoint_every_steps
+        log_every = max(1, min(every, res.total_steps // 200 or 1))
+        forks = forks or {}
+        bar = t.progress_bar(stop)
+        window = [0.0, 0]  # seconds, steps since last log
+
+        def on_step(step: int, loss: float, lr: float, seconds: float) -> None:
+            window[0] += seconds
+            window[1] += 1
+            if bar is not None:
+                bar.update(res.tokens_per_step)
+                if step % log_every == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if step % log_every == 0 or step == stop:
+                tps = window[1] * res.tokens_per_step / max(window[0], 1e-9)
+                self.log(
+                    step, {"train/loss": loss, "lr": lr, "throughput/tokens_per_s": tps}, "train"
+                )
+                window[0], window[1] = 0.0, 0
+            if step % every == 0 and step != stop:
+                self.evaluate(step)
+            if step in forks and not forks[step].exists():
+                t.engine.save(forks[step])
+            if ckpt_every and step % ckpt_every == 0:
+                t.engine.save(self.ckpt)
+                self.run.flush()
+
+        try:
+            with stop_on_signals(t.engine, t.handle_signals):
+                t.engine.run(schedule, stop, on_step)
+        except Preempted:
+            t.engine.save(self.ckpt)
+            self.run.flush()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if stop in forks and not forks[stop].exists():
+            t.engine.save(forks[stop])
+
+
+class Trainer:
+    """Owns one run folder; :meth:`run` trains (or resumes) it to its result."""
+
+    def __init__(
+        self, cfg: RunConfig, *, tracker: Any = None, handle_signals: bool = False
+    ) -> None:
+        from windtunnel.data import BatchSampler, prepare, val_batches
+
+        self.corpus = prepare(cfg.data, progress=_show_progress(cfg))
+        self.res: Resolved = resolve(cfg, self.corpus.vocab_size)
+        self.cfg = self.res.cfg
+        self.name = run_name(cfg)
+        self.dir = Path(cfg.run_dir) / self.name
+        self.handle_signals = handle_signals
+        if tracker is None:
+            from windtunnel.tracking import open_tracker
+
+            tracker = open_tracker(cfg.tracker)
+        self.tracker = tracker
+        sampler = BatchSampler(
+            self.corpus,
+            seq_len=cfg.data.seq_len,
+            batch_size=cfg.optim.batch_size // cfg.optim.grad_accum,
+            seed=cfg.train.seed,
+        )
+        self.engine = Engine.build(self.res, sampler.batch)
+        self.val = {
+            d.name: val_batches(
+                self.corpus,
+                d.name,
+                seq_len=cfg.data.seq_len,
+                n_tokens=cfg.train.eval_tokens,
+                batch_size=cfg.optim.batch_size // cfg.optim.grad_accum,
+            )
+            for d in self.corpus.domains
+        }
+        self.bytes_per_token = {d.name: d.bytes_per_token for d in self.corpus.domains}
+        self.initial_val_loss = math.nan
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def eval_metrics(self) -> dict[str, float]:
+        losses = self.engine.evaluate(self.val)
+        out: dict[str, float] = {}
+        for d, loss in losses.items():
+            out[f"val_loss/{d}"] = loss
+            out[f"val_bpb/{d}"] = loss / LN2 / self.bytes_per_token[d]
+        out["val_loss"] = sum(losses.values()) / len(losses)
+        out["val_bpb"] = sum(out[f"val_bpb/{d}"] for d in losses) / len(losses)
+        return out
+
+    def progress_bar(self, stop: int) -> Any:
+        if not _show_progress(self.cfg):
+            return None
+        from tqdm import tqdm
+
+        tps = self.res.tokens_per_step
+        return tqdm(
+            total=stop * tps,
+            initial=self.engine.step * tps,
+            unit="tok",
+            unit_scale=True,
+            desc=self.name,
+            dynamic_ncols=True,
+        )
+
+    def tags(self, **extra: str) -> dict[str, str]:
+        c = self.cfg
+        return {
+            "wt.stage": c.stage,
+            "wt.model": c.model.name,
+            "wt.N": str(self.res.non_embedding_params),
+            "wt.width": str(c.model.d_model),
+            "wt.batch_tokens": str(self.res.tokens_per_step),
+            "wt.seed": str(c.train.seed),
+            "wt.mup": str(c.model.mup).lower(),
+            **extra,
+        }
+
+    def params(self) -> dict[str, Any]:
+        from windtunnel.provenance import provenance
+
+        return {**to_dict(self.cfg), "resolved": self.res.summary(), "provenance": provenance()}
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        done = self.dir / "result.json"
+        if self.cfg.resume and (self.dir / "identity.json").exists():
+            check_same_run(json.loads((self.dir / "identity.json").read_text()), self.cfg, self.dir)
+        if self.cfg.resume and done.exists():
+            return _result_from_json(json.loads(done.read_text()))
+        if not self.cfg.resume and self.dir.exists():
+            import shutil
+
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
+        _json_write(self.dir / "identity.json", identity(self.cfg))
+        started = time.time()
+        kind = "trunk" if self.res.branching else "run"
+        parent = self.tracker.start_run(
+            run_dir=self.dir,
+            name=self.name,
+            experiment=self.cfg.tracker.experiment,
+            params=self.params(),
+            tags=self.tags(**{"wt.kind": kind, "wt.point": str(not self.res.branching).lower()}),
+        )
+        parent.log_dict(self.params(), "config.json")
+        try:
+            result = self._run(parent)
+        except Diverged as e:
+            result = self._failed("diverged", str(e), parent)
+        except Preempted as e:
+            parent.flush()
+            return self._summary(parent, "preempted", [], failure=str(e))
+        result.seconds = time.time() - started
+        if result.status == "finished":
+            parent.finish("FINISHED")
+        _json_write(done, result.to_json())
+        return result
+
+    def _failed(self, status: str, reason: str, parent: Any) -> TrainResult:
+        parent.set_tags({"wt.failure": status, "wt.failure_reason": reason[:5000]})
+        parent.finish("FAILED", error=f"{status}: {reason}")
+        return self._summary(parent, status, [], failure=reason)
+
+    def _initial_eval(self, seg: _Segment) -> float:
+        path = self.dir / "initial_eval.json"
+        if not path.exists():
+            _json_write(path, seg.evaluate(0))
+        self.initial_val_loss = float(json.loads(path.read_text())["val_loss"])
+        return self.initial_val_loss
+
+    def _run(self, parent: Any) -> TrainResult:
+        res = self.res
+        if not res.branching:
+            seg = _Segment(self, "main", parent, 0)
+            self._resume(seg, None)
+            initial = self._initial_eval(seg)
+            seg.train(res.points[0].total_steps)
+            point = self._finish_point(seg, 0, parent.run_id)
+            return self._summary(parent, "finished", [point], initial=initial)
+
+        trunk = _Segment(self, "trunk", parent, len(res.points) - 1)
+        forks = {p.decay_start: self.dir / "ckpt" / f"fork-{p.tokens}.pt" for p in res.points}
+        trunk_stop = res.points[-1].decay_start
+        points: list[PointResult] = []
+        initial = self._initial_eval(trunk)
+        if not all(f.exists() for f in forks.values()):
+            self._resume(trunk, None)
+            trunk.train(trunk_stop, forks)
+            trunk.run.flush()
+        for i, p in enumerate(res.points):
+            saved = self.dir / "points" / f"{p.tokens}.json"
+            if saved.exists():
+                points.append(PointResult(**json.loads(saved.read_text())))
+                continue
+            child = self.tracker.start_run(
+                run_dir=self.dir / "branches" / str(p.tokens),
+                name=f"{self.name}-D{p.tokens}",
+                experiment=self.cfg.tracker.experiment,
+                params=self.params(),
+                tags=self.tags(**{"wt.kind": "branch", "wt.point": "true", "wt.D": str(p.tokens)}),
+                parent=parent,
+            )
+            seg = _Segment(self, f"branch-{p.tokens}", child, i)
+            try:
+                self._resume(seg, forks[p.decay_start])
+                seg.train(p.total_steps)
+            except Diverged as e:
+                child.set_tags({"wt.failure": "diverged", "wt.failure_reason": str(e)[:5000]})
+                child.finish("FAILED", error=f"diverged: {e}")
+                raise
+            point = self._finish_point(seg, i, child.run_id)
+            child.finish("FINISHED")
+            _json_write(saved, asdict(point))
+            points.append(point)
+        return self._summary(parent, "finished", points, initial=initial)
+
+    def _resume(self, seg: _Segment, start: Path | None) -> None:
+        """Continue a segment from its own checkpoint, else from ``start``, else from init."""
+        if seg.ckpt.exists():
+            self.engine.load(seg.ckpt)
+        elif start is not None:
+            self.engine.load(start)
+
+    def _finish_point(self, seg: _Segment, i: int, run_id: str) -> PointResult:
+        res, step = self.res, self.engine.step
+        assert step == res.points[i].total_steps, (step, res.points[i])
+        tokens = step * res.tokens_per_step
+        metrics = self.eval_metrics()
+        metrics["N"] = res.non_embedding_params
+        seg.log(step, metrics, "eval")
+        seg.run.flush()
+        domains = {
+            d: {"loss": metrics[f"val_loss/{d}"], "bpb": metrics[f"val_bpb/{d}"]} for d in self.val
+        }
+        return PointResult(
+            tokens=tokens,
+            N=res.non_embedding_params,
+            D=tokens,
+            flops=float(tokens * res.flops_per_token),
+            val_loss=metrics["val_loss"],
+            val_bpb=metrics["val_bpb"],
+            domains=domains,
+            run_id=run_id,
+        )
+
+    def _summary(
+        self,
+        parent: Any,
+        status: str,
+        points: list[PointResult],
+        *,
+        initial: float | None = None,
+        failure: str | None = None,
+    ) -> TrainResult:
+        last = points[-1] if points else None
+        tokens = self.engine.step * self.res.tokens_per_step
+        return TrainResult(
+            status=status,
+            failure=failure,
+            run_id=parent.run_id,
+            tracking_uri=self.tracker.tracking_uri,
+            run_dir=str(self.dir),
+            N=self.res.non_embedding_params,
+            tokens=last.tokens if last else tokens,
+            flops=last.flops if last else float(tokens * self.res.flops_per_token),
+            initial_val_loss=self.initial_val_loss if initial is None else initial,
+            val_loss=last.val_loss if last else math.nan,
+            val_bpb=last.val_bpb if last else math.nan,
+            points=points,
+        )
+
+
+def _result_from_json(d: dict[str, Any]) -> TrainResult:
+    d = dict(d)
+    d["points"] = [PointResult(**p) for p in d.pop("branches")]
+    return TrainResult(**d)
+
+
+def train(cfg: RunConfig, *, tracker: Any = None, handle_signals: bool = False) -> TrainResult:
+    """Train (or resume) one run to its result. Config errors raise ``ValueError``; divergence
+    and preemption come back as the result's ``status`` (recorded in the tracker)."""
+    return Trainer(cfg, tracker=tracker, handle_signals=handle_signals).run()

@@ -170,9 +170,9 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from windtunnel.bench import run_bench
+    from windtunnel.bench import BENCH_DEFAULTS, run_bench
 
-    cfg = compose(args.overrides)
+    cfg = compose([*BENCH_DEFAULTS, *args.overrides])
     report = run_bench(cfg, models=args.models, steps=args.steps, baseline=not args.no_baseline)
     print(report.table(), file=sys.stderr)
     emit(report.to_json())

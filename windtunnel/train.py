@@ -64,6 +64,8 @@ class TrainResult:
     failure: str | None = None
     points: list[PointResult] = field(default_factory=list)
     seconds: float = 0.0
+    dashboard: str = ""
+    """MLflow page with this run's loss charts (empty without a server)."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -430,6 +432,11 @@ class Trainer:
     ) -> TrainResult:
         last = points[-1] if points else None
         tokens = self.engine.step * self.res.tokens_per_step
+        dashboard = ""
+        if self.tracker.tracking_uri and getattr(parent, "experiment_id", None):
+            from windtunnel.tracking import mlflow_ui_url
+
+            dashboard = mlflow_ui_url(self.tracker.tracking_uri, parent.experiment_id)
         return TrainResult(
             status=status,
             failure=failure,
@@ -443,6 +450,7 @@ class Trainer:
             val_loss=last.val_loss if last else math.nan,
             val_bpb=last.val_bpb if last else math.nan,
             points=points,
+            dashboard=dashboard,
         )
 
 

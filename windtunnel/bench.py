@@ -1,0 +1,211 @@
+"""Training throughput against this machine's own matmul peak, and against a plain PyTorch loop.
+
+``windtunnel bench`` measures, in one process: the fp32 (CPU) or bf16 (CUDA) ``torch.mm`` peak;
+then for each model the tokens/s and achieved FLOP/s of windtunnel's engine (μP groups, clipping,
+schedule, loss guard: the real training step) and of a plain reference loop of the same shape
+(SDPA, AdamW, tied head, SwiGLU) written here in 30 lines. FLOPs use the exact count of
+:mod:`windtunnel.flops` for both, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from windtunnel.config import RunConfig, resolve
+from windtunnel.engine import Engine, pick_device, schedule_for
+
+BENCH_DEFAULTS = ["data.vocab_size=4096", "data.seq_len=256", "optim.batch_size=16", "tracker=none"]
+
+
+def matmul_peak(
+    device: torch.device, sizes: tuple[int, ...] = (1024, 2048), reps: int = 5
+) -> float:
+    """Best FLOP/s of a square ``torch.mm`` (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    best = 0.0
+    for n in sizes if device.type == "cpu" else (4096, 8192):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        torch.mm(a, b)
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, d: int, heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.up, self.down = nn.Linear(d, 2 * d_ff, bias=False), nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            self.qkv(self.n1(x))
+            .view(B, T, 3, self.heads, D // self.heads)
+            .transpose(1, 3)
+            .unbind(2)
+        )
+        x = x + self.o(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+        )
+        g, u = self.up(self.n2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * u)
+
+
+class PlainDecoder(nn.Module):
+    """The reference: what a competent plain PyTorch loop looks like (no RoPE, no μP)."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_PlainBlock(d, heads, d_ff) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h)
+        logits = F.linear(self.norm(h), self.emb.weight)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@dataclass
+class BenchRow:
+    model: str
+    N: int
+    flops_per_token: int
+    tokens_per_s: float
+    flops_per_s: float
+    share_of_peak: float
+    baseline_tokens_per_s: float = math.nan
+    ratio_to_baseline: float = math.nan
+
+
+@dataclass
+class BenchReport:
+    device: str
+    threads: int
+    matmul_peak_flops: float
+    shape: dict[str, int]
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [
+            f"device {self.device}, {self.threads} threads, matmul peak {self.matmul_peak_flops / 1e9:.1f} GFLOP/s; "
+            f"vocab {self.shape['vocab']}, seq {self.shape['seq_len']}, batch {self.shape['batch']}",
+            f"{'model':<14}{'N':>10}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'plain tok/s':>13}{'vs plain':>10}",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{r.model:<14}{r.N:>10,}{r.tokens_per_s:>10.0f}{r.flops_per_s / 1e9:>10.1f}"
+                f"{r.share_of_peak:>9.1%}{r.baseline_tokens_per_s:>13.0f}{r.ratio_to_baseline:>10.2f}"
+            )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _time_steps(step: Any, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_model(cfg: RunConfig, *, steps: int, baseline: bool, peak: float) -> BenchRow:
+    res = resolve(cfg, cfg.data.vocab_size)
+    m, seq, batch = res.cfg.model, cfg.data.seq_len, cfg.optim.batch_size
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, m.vocab_size, (batch, seq + 1), generator=gen)
+    x, y = data[:, :-1], data[:, 1:]
+    engine = Engine.build(res, lambda step, micro: (x, y))
+    schedule = schedule_for(res, 0)
+    warmup = 3
+
+    def engine_step() -> None:
+        engine.run(schedule, engine.step + 1, lambda *a: None)
+
+    seconds = _time_steps(engine_step, steps, warmup, engine.device)
+    tps = steps * batch * seq / seconds
+    row = BenchRow(
+        model=m.name,
+        N=res.non_embedding_params,
+        flops_per_token=res.flops_per_token,
+        tokens_per_s=tps,
+        flops_per_s=tps * res.flops_per_token,
+        share_of_peak=tps * res.flops_per_token / peak,
+    )
+    if baseline:
+        torch.manual_seed(0)
+        plain = PlainDecoder(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff).to(
+            engine.device
+        )
+        opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+        xd, yd = x.to(engine.device), y.to(engine.device)
+
+        def plain_step() -> None:
+            with engine.autocast():
+                loss = plain(xd, yd)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+
+        plain_tps = steps * batch * seq / _time_steps(plain_step, steps, warmup, engine.device)
+        row.baseline_tokens_per_s = plain_tps
+        row.ratio_to_baseline = tps / plain_tps
+    return row
+
+
+def run_bench(
+    cfg: RunConfig, *, models: list[str], steps: int = 30, baseline: bool = True
+) -> BenchReport:
+    """Benchmark each named model config on ``cfg``'s data shape and device."""
+    from windtunnel.cli import compose
+
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    peak = matmul_peak(device)
+    report = BenchReport(
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        threads=torch.get_num_threads(),
+        matmul_peak_flops=peak,
+        shape={
+            "vocab": cfg.data.vocab_size,
+            "seq_len": cfg.data.seq_len,
+            "batch": cfg.optim.batch_size,
+        },
+    )
+    for name in models:
+        model_cfg = compose([f"model={name}"]).model
+        one = dataclasses.replace(
+            cfg, model=dataclasses.replace(model_cfg, vocab_size=cfg.data.vocab_size)
+        )
+        report.rows.append(bench_model(one, steps=steps, baseline=baseline, peak=peak))
+    return report

@@ -206,14 +206,21 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(target: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+DELEGATED = {
+    "fit": ("windtunnel.scaling.cli:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
+    "plan": (
+        "windtunnel.scaling.cli:plan_main",
+        "plan the full run from a fit (`windtunnel plan --help`)",
+    ),
+}
 
-        module, func = target.split(":")
-        return int(getattr(importlib.import_module(module), func)(args.rest))
 
-    return run
+def _delegate(command: str, argv: list[str]) -> int:
+    """Commands with their own argparse (options, not Hydra overrides)."""
+    import importlib
+
+    module, func = DELEGATED[command][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv))
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -284,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,154 @@
+"""One call from a run table to everything the wind tunnel reports, and the fit file.
+
+:func:`analyze` fits the data–model law, bootstraps it, derives the allocation at the requested
+budgets, and runs the diagnostics the table supports (IsoFLOP profiles, the μTransfer check).
+The result is a JSON-ready dict — the *fit file* the planner reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from windtunnel.scaling.allocation import compute_optimal, minicpm_closed_form
+from windtunnel.scaling.bootstrap import bootstrap_points
+from windtunnel.scaling.errors import ScalingError
+from windtunnel.scaling.fit import DataModelFit, fit_data_model
+
+FIT_FILE_KIND = "windtunnel.scaling.fit"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def analyze(
+    df: pd.DataFrame,
+    *,
+    target: str = "loss",
+    form: str = "chinchilla",
+    budgets: tuple[float, ...] = (1e21,),
+    n_boot: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    delta: float = 1e-3,
+    reduction: str = "mean",
+    source: str = "",
+) -> tuple[dict[str, Any], DataModelFit, Any, dict[str, Any]]:
+    """Fit + bootstrap + allocation + diagnostics → (fit-file dict, fit, bootstrap, extras)."""
+    fit = fit_data_model(df, target=target, form=form, delta=delta, reduction=reduction)
+    boot = None
+    if n_boot > 0:
+        boot = bootstrap_points(
+            df["N"].to_numpy(float),
+            df["D"].to_numpy(float),
+            df[target].to_numpy(float),
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            budgets=budgets,
+            fit=fit,
+            delta=delta,
+        )
+    a = compute_optimal(fit.law, budgets[0] if budgets else 1e21)
+    allocation = {f"{C:.3g}": compute_optimal(fit.law, C).to_dict() for C in budgets}
+    extras: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
+    if "C" in df.columns:
+        from windtunnel.scaling.isoflop import isoflop_profiles
+
+        try:
+            extras["isoflop"] = isoflop_profiles(df, target=target)
+            diagnostics["isoflop"] = {k: v for k, v in extras["isoflop"].to_dict().items()}
+        except ScalingError as e:
+            diagnostics["isoflop"] = {"skipped": str(e)}
+    from windtunnel.scaling.backtest import backtest
+
+    try:
+        diagnostics["backtest"] = backtest(df, target=target, delta=delta).to_dict()
+    except ScalingError as e:
+        diagnostics["backtest"] = {"skipped": str(e)}
+    if {"width", "lr"} <= set(df.columns) and df["width"].nunique() > 1 and df["lr"].nunique() > 2:
+        from windtunnel.scaling.batch_lr import mutransfer_check
+
+        try:
+            extras["mutransfer"] = mutransfer_check(df, target=target)
+            diagnostics["mutransfer"] = extras["mutransfer"].to_dict()
+        except ScalingError as e:
+            diagnostics["mutransfer"] = {"skipped": str(e)}
+    summary = {
+        **fit.to_dict(),
+        "a": a.a,
+        "b": a.b,
+        "intervals": boot.intervals() if boot is not None else {},
+        "allocation": allocation,
+        "minicpm_closed_form": {f"{C:.3g}": minicpm_closed_form(fit.law, C) for C in budgets},
+    }
+    fit_file = {
+        "kind": FIT_FILE_KIND,
+        "version": 1,
+        "source": source,
+        "fit": summary,
+        "bootstrap": boot.to_dict() if boot is not None else None,
+        "diagnostics": diagnostics,
+        "batch_size_law": None,
+        "lr": float(df["lr"].median()) if "lr" in df.columns and df["lr"].notna().any() else None,
+    }
+    return _jsonable(fit_file), fit, boot, extras
+
+
+def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:
+    """The one-object ``--json`` output: parameters, a, b, intervals, n, diagnostics."""
+    f = fit_file["fit"]
+    keep = (
+        "form", "target", "E", "A", "B", "alpha", "beta", "a", "b", "intervals", "n_points",
+        "objective", "rms_log_residual", "max_abs_log_residual", "grad_norm", "n_starts",
+        "n_polished", "n_reached_best", "seconds", "warnings", "allocation", "minicpm",
+    )  # fmt: skip
+    out = {k: f[k] for k in keep if k in f}
+    boot = fit_file.get("bootstrap") or {}
+    out["bootstrap"] = {k: boot.get(k) for k in ("seed", "n_boot", "n_failed", "level")}
+    out["diagnostics"] = {
+        k: {kk: vv for kk, vv in v.items() if kk not in ("profiles", "table", "points")}
+        for k, v in fit_file.get("diagnostics", {}).items()
+    }
+    return out
+
+
+def write_outputs(
+    fit_file: dict[str, Any], df: pd.DataFrame, fit: DataModelFit, boot: Any, extras: dict,
+    out: Path, *, target: str,
+) -> list[Path]:  # fmt: skip
+    """Write ``fit.json``, the run table and the plots into ``out``; return the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from windtunnel.scaling import plots
+
+    paths = [out / "fit.json", out / "points.csv"]
+    paths[0].write_text(json.dumps(fit_file, indent=1))
+    df.to_csv(paths[1], index=False)
+    if "C" in df.columns:
+        paths.append(plots.loss_vs_compute(df, fit, out, target=target))
+        paths.append(plots.fitted_vs_observed(df, fit, out, target=target))
+    if "isoflop" in extras:
+        paths.append(plots.isoflop_curves(df, extras["isoflop"], out, target=target))
+    if "mutransfer" in extras:
+        paths.append(plots.lr_sweeps(df, extras["mutransfer"], out, target=target))
+    if boot is not None:
+        budgets = fit_file["bootstrap"].get("budgets") or [1e21]
+        paths.append(plots.bootstrap_distributions(boot, out, budget=budgets[0]))
+    return paths

@@ -1,0 +1,338 @@
+"""``windtunnel fit`` and ``windtunnel plan`` (argparse; the main CLI dispatches here).
+
+Both return an exit code. User errors print one line on stderr and return 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from windtunnel.scaling.errors import ScalingError
+
+FIT_EPILOG = """\
+examples:
+  windtunnel fit --input points.csv --json
+  windtunnel fit --input chinchilla.csv --n-col "Model Size" --c-col "Training FLOP" --drop-highest 5
+  windtunnel fit --input ladder --target bpb --form minicpm --out runs/fit   # MLflow experiment
+  windtunnel plan --fit runs/fit/fit.json --budget-flops 1e21 --gpu h100 --mfu 0.4 \\
+      --out conf/experiment/full.yaml
+"""
+
+
+def _fit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="windtunnel fit",
+        description=(
+            "Fit the data–model law L = E + A/N^α + B/D^β (Huber on log residuals, robust "
+            "global optimizer) to finished points, with bootstrap intervals for every "
+            "parameter and the compute-optimal allocation."
+        ),
+        epilog=FIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a .csv/.parquet file, or an MLflow experiment name or id (points tagged wt.point)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else http://127.0.0.1:5055)",
+    )
+    p.add_argument(
+        "--form",
+        choices=("chinchilla", "minicpm"),
+        default="chinchilla",
+        help="chinchilla: E, A, B, α, β (raw units); minicpm: also C_N, C_D, L0 with N, D in "
+        "billions (same law)",
+    )
+    p.add_argument(
+        "--target",
+        default="loss",
+        help="column to fit: loss (default), bpb (tokenizer-independent), loss/<domain>, …",
+    )
+    g = p.add_argument_group("column mapping (for tables with other column names)")
+    g.add_argument("--n-col", default=None, help="column holding N (non-embedding params)")
+    g.add_argument("--d-col", default=None, help="column holding D (tokens)")
+    g.add_argument("--c-col", default=None, help="column holding C (FLOPs); D = C/(k·N) if no D")
+    g.add_argument("--loss-col", default=None, help="column holding the target values")
+    g.add_argument(
+        "--flops-per-param-token",
+        type=float,
+        default=6.0,
+        help="k in C = k·N·D when one of C, D is derived (default 6)",
+    )
+    s = p.add_argument_group("selection")
+    s.add_argument("--stage", default=None, help="keep rows whose `stage` equals this")
+    s.add_argument("--query", default=None, help="pandas query to select rows, e.g. 'N > 1e7'")
+    s.add_argument(
+        "--drop-highest", type=int, default=0, metavar="K", help="drop the K highest-loss rows"
+    )
+    o = p.add_argument_group("fit and intervals")
+    o.add_argument("--delta", type=float, default=1e-3, help="Huber δ on log residuals")
+    o.add_argument("--reduction", choices=("mean", "sum"), default="mean", help=argparse.SUPPRESS)
+    o.add_argument("--bootstrap", type=int, default=200, metavar="N", help="refits (0: none)")
+    o.add_argument("--seed", type=int, default=0, help="bootstrap seed (recorded)")
+    o.add_argument("--level", type=float, default=0.95, help="interval mass (default 0.95)")
+    o.add_argument(
+        "--budget",
+        type=float,
+        action="append",
+        default=None,
+        metavar="FLOPS",
+        help="budget(s) for N_opt, D_opt, D/N (repeatable; default 1e21)",
+    )
+    bs = p.add_argument_group("batch-size law (MiniCPM's iso-loss method; stored for the planner)")
+    bs.add_argument(
+        "--batch-curves",
+        default=None,
+        metavar="SOURCE",
+        help="loss curves of a batch-size sweep: CSV/parquet (run_id, batch_tokens, tokens, loss"
+        "[, N]) or an MLflow experiment whose runs log val_loss and tokens",
+    )
+    bs.add_argument(
+        "--batch-levels",
+        default=None,
+        metavar="L1,L2,...",
+        help="iso-loss levels (default: 6 levels between the curves' 30th and 5th percentiles)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--out", type=Path, default=None, help="write fit.json, points.csv and plots")
+    p.add_argument(
+        "--no-log-mlflow",
+        action="store_true",
+        help="with MLflow input and --out: do not record the fit and plots as an MLflow run",
+    )
+    return p
+
+
+def _err(msg: str) -> int:
+    print(f"windtunnel fit: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def fit_main(argv: list[str]) -> int:
+    """Entry point of ``windtunnel fit``."""
+    args = _fit_parser().parse_args(argv)
+    from windtunnel.scaling.analyze import analyze, json_summary, write_outputs
+    from windtunnel.scaling.table import is_mlflow_source, load_table, log_fit_to_mlflow
+
+    cols = {
+        k: v
+        for k, v in (
+            ("N", args.n_col),
+            ("D", args.d_col),
+            ("C", args.c_col),
+            (args.target, args.loss_col),
+        )
+        if v
+    }
+    budgets = tuple(args.budget or (1e21,))
+    try:
+        df = load_table(
+            args.input,
+            columns=cols,
+            uri=args.tracking_uri,
+            flops_per_param_token=args.flops_per_param_token,
+        )
+        if args.stage is not None:
+            if "stage" not in df.columns:
+                raise ScalingError("--stage given but the table has no `stage` column")
+            df = df[df["stage"] == args.stage]
+        if args.query:
+            try:
+                df = df.query(args.query)
+            except Exception as e:
+                raise ScalingError(f"bad --query {args.query!r}: {e}") from None
+        if args.drop_highest:
+            if args.target not in df.columns:
+                raise ScalingError(f"column {args.target!r} not in the table")
+            df = df.sort_values(args.target).iloc[: -args.drop_highest]
+        df = df.reset_index(drop=True)
+        fit_file, fit, boot, extras = analyze(
+            df,
+            target=args.target,
+            form=args.form,
+            budgets=budgets,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            level=args.level,
+            delta=args.delta,
+            reduction=args.reduction,
+            source=str(args.input),
+        )
+        bs_law = None
+        if args.batch_curves:
+            bs_law = _batch_law(args)
+            fit_file["batch_size_law"] = bs_law.to_dict()
+        paths = []
+        summary = json_summary(fit_file)
+        if bs_law is not None:
+            summary["batch_size_law"] = bs_law.to_dict()
+        if args.out is not None:
+            paths = write_outputs(fit_file, df, fit, boot, extras, args.out, target=args.target)
+            if bs_law is not None:
+                from windtunnel.scaling import plots
+
+                paths.append(plots.batch_size_law(bs_law, args.out))
+            if is_mlflow_source(args.input) and not args.no_log_mlflow:
+                summary["mlflow_run_id"] = log_fit_to_mlflow(
+                    args.input, paths, summary, uri=args.tracking_uri
+                )
+    except ScalingError as e:
+        return _err(str(e))
+    except OSError as e:
+        return _err(f"{e.__class__.__name__}: {e}")
+    if args.out is not None:
+        summary["out"] = str(args.out)
+        summary["files"] = [str(p) for p in paths]
+    if not args.json:
+        _print_human(summary, budgets)
+    else:
+        print(json.dumps(summary))
+    return 0
+
+
+def _batch_law(args):
+    import numpy as np
+
+    from windtunnel.scaling.batch_lr import batch_size_law_iso_loss
+    from windtunnel.scaling.table import read_curves
+
+    curves = read_curves(args.batch_curves, uri=args.tracking_uri)
+    if curves.empty:
+        raise ScalingError(f"no loss curves found in {args.batch_curves!r}")
+    if args.batch_levels:
+        try:
+            levels = [float(x) for x in args.batch_levels.split(",")]
+        except ValueError:
+            raise ScalingError(f"--batch-levels wants numbers, got {args.batch_levels!r}") from None
+    else:
+        lo, hi = np.quantile(curves["loss"], [0.05, 0.3])
+        levels = list(np.linspace(lo, hi, 6))
+    group = "N" if "N" in curves.columns and curves["N"].notna().all() else None
+    return batch_size_law_iso_loss(curves, levels, group_col=group)
+
+
+def _fmt_iv(iv, k):
+    if k in iv:
+        return f"  [{iv[k][0]:.4g}, {iv[k][1]:.4g}]"
+    return ""
+
+
+def _print_human(s: dict, budgets) -> None:
+    iv = s.get("intervals", {})
+    print(f"fitted {s['target']} = E + A/N^alpha + B/D^beta on {s['n_points']} points")
+    for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        print(f"  {k:6s} {s[k]:.6g}{_fmt_iv(iv, k)}")
+    print(
+        f"  rms log residual {s['rms_log_residual']:.4f}; gradient {s['grad_norm']:.1e}; "
+        f"{s['n_reached_best']}/{s['n_polished']} local searches reached the best"
+    )
+    for C in budgets:
+        a = s["allocation"][f"{C:.3g}"]
+        div = iv.get(f"C={C:.3g}", {})
+        tpp = div.get("tokens_per_param")
+        extra = f" [{tpp[0]:.3g}, {tpp[1]:.3g}]" if tpp else ""
+        print(
+            f"  C={C:.3g}: N_opt {a['N_opt']:.4g}, D_opt {a['D_opt']:.4g}, "
+            f"D/N {a['tokens_per_param']:.4g}{extra}, loss {a['loss']:.4f}"
+        )
+    for w in s.get("warnings", []):
+        print(f"  warning: {w}")
+    if "out" in s:
+        print(f"wrote {s['out']}/fit.json and plots")
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    from windtunnel.scaling.plan import GPU_PEAK_BF16
+
+    p = argparse.ArgumentParser(
+        prog="windtunnel plan",
+        description=(
+            "Plan the full run from a fit file: MiniCPM-shaped model for N_opt, tokens, batch "
+            "size from the batch-size law, μP lr, WSD schedule, predicted loss with its "
+            "interval and GPU-hours; writes a Hydra experiment config."
+        ),
+        epilog="example: windtunnel plan --fit runs/fit/fit.json --budget-flops 1e21 "
+        "--gpu h100 --mfu 0.4 --out conf/experiment/full.yaml",
+    )
+    p.add_argument("--fit", required=True, type=Path, help="fit.json written by windtunnel fit")
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--budget-flops", type=float, help="compute budget C (FLOPs, C = 6ND)")
+    b.add_argument("--params", type=float, help="model size N (non-embedding parameters)")
+    p.add_argument("--tokens", type=float, help="training tokens D (alone, or with --params)")
+    p.add_argument("--gpu", default="h100", choices=sorted(GPU_PEAK_BF16), help="GPU class")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization (0–1]")
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
+    p.add_argument("--vocab-size", type=int, default=122_753, help="vocabulary (MiniCPM-2.4B's)")
+    p.add_argument("--lr", type=float, default=None, help="base lr (default: fit file, else 0.01)")
+    p.add_argument(
+        "--batch-law",
+        default=None,
+        metavar="K,GAMMA",
+        help="batch-size law bs = K / L^GAMMA in tokens (default: fit file, else MiniCPM's)",
+    )
+    p.add_argument("--name", default=None, help="model name in the config")
+    p.add_argument("--out", type=Path, default=None, help="write the experiment YAML here")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    return p
+
+
+def plan_main(argv: list[str]) -> int:
+    """Entry point of ``windtunnel plan``."""
+    parser = _plan_parser()
+    args = parser.parse_args(argv)
+    from windtunnel.scaling.plan import load_fit_file, make_plan
+
+    if args.budget_flops is None and args.params is None and args.tokens is None:
+        parser.error("one of --budget-flops, --params or --tokens is required")
+    try:
+        bl = None
+        if args.batch_law:
+            try:
+                k, g = (float(x) for x in args.batch_law.split(","))
+            except ValueError:
+                raise ScalingError(f"--batch-law wants K,GAMMA, got {args.batch_law!r}") from None
+            bl = {"k": k, "gamma": g}
+        plan = make_plan(
+            load_fit_file(args.fit),
+            budget_flops=args.budget_flops,
+            params=args.params,
+            tokens=args.tokens,
+            gpu=args.gpu,
+            mfu=args.mfu,
+            seq_len=args.seq_len,
+            vocab_size=args.vocab_size,
+            lr=args.lr,
+            batch_law=bl,
+            name=args.name,
+        )
+        text = plan.to_yaml()
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+            args.out.with_suffix(".plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
+    except ScalingError as e:
+        print(f"windtunnel plan: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"windtunnel plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        d = plan.to_dict()
+        if args.out is not None:
+            d["out"] = str(args.out)
+        print(json.dumps(d))
+    else:
+        print(text if args.out is None else f"{text}\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cmd, *rest = sys.argv[1:] or ["fit"]
+    sys.exit(fit_main(rest) if cmd == "fit" else plan_main(rest))

@@ -1,0 +1,312 @@
+"""The planner: fitted laws → the full run's Hydra experiment config.
+
+Given a fit file (written by ``windtunnel fit --out``) and a budget (FLOPs, parameters or tokens),
+choose N and D from the compute-optimal allocation, a MiniCPM-shaped model for N (d_head 64,
+d_ff = 2.5·d, depth from the proxy family), the batch size from the batch-size law at the
+predicted loss, the base lr and width multiplier from μP, a WSD schedule with ~10% decay, the
+predicted loss with its bootstrap interval, and GPU-hours for a named GPU at a stated MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from windtunnel.flops import Shape, d_ff_for, flops_per_token, non_embedding_params
+from windtunnel.scaling.allocation import (
+    compute_optimal,
+    optimal_for_params,
+    optimal_for_tokens,
+)
+from windtunnel.scaling.batch_lr import MINICPM_BATCH_LAW
+from windtunnel.scaling.bootstrap import BootstrapResult
+from windtunnel.scaling.errors import InputError
+from windtunnel.scaling.laws import DataModelLaw
+
+GPU_PEAK_BF16: dict[str, float] = {
+    "a100": 312e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+    "l40s": 362e12,
+    "a10g": 125e12,
+    "mi300x": 1307e12,
+}
+"""Dense bf16 peak FLOP/s per GPU (vendor datasheets, no sparsity)."""
+
+D_HEAD = 64
+DIM_MODEL_BASE = 256
+MINICPM_BASE_LR = 0.01
+MINICPM_VOCAB = 122_753
+
+# MiniCPM's proxy family and released models: (label, d_model, n_layers, n_heads, n_kv_heads)
+FAMILY: tuple[tuple[str, int, int, int, int], ...] = (
+    ("9M", 320, 8, 5, 5),
+    ("30M", 512, 12, 8, 8),
+    ("70M", 640, 14, 10, 10),
+    ("0.1B", 768, 16, 12, 12),
+    ("0.17B", 896, 18, 14, 14),
+    ("0.2B", 1024, 20, 16, 16),
+    ("0.5B", 1344, 24, 21, 21),
+    ("1.2B", 1536, 52, 24, 8),
+    ("2.4B", 2304, 40, 36, 36),
+)
+
+
+def _shape(d: int, L: int, nq: int, nkv: int, vocab: int) -> Shape:
+    return Shape(
+        n_layers=L,
+        d_model=d,
+        n_heads=nq,
+        n_kv_heads=nkv,
+        d_head=D_HEAD,
+        d_ff=d_ff_for(d),
+        vocab_size=vocab,
+    )
+
+
+def _family_depth(d: float) -> float:
+    """Depth of the MiniCPM family at width d (log–log interpolation of the MHA members)."""
+    pts = [(math.log(w), math.log(L)) for _, w, L, q, kv in FAMILY if q == kv]
+    xs, ys = zip(*pts)
+    x = math.log(d)
+    if x <= xs[0]:
+        s = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return math.exp(ys[0] + s * (x - xs[0]))
+    if x >= xs[-1]:
+        s = (ys[-1] - ys[-3]) / (xs[-1] - xs[-3])
+        return math.exp(ys[-1] + s * (x - xs[-1]))
+    return math.exp(float(np.interp(x, xs, ys)))
+
+
+def choose_shape(
+    N: float, *, vocab_size: int = MINICPM_VOCAB, snap: float = 0.1
+) -> tuple[str, Shape]:
+    """A MiniCPM-shaped decoder with ≈N non-embedding parameters.
+
+    A family member within ``snap`` (relative) of N is used as is (the 1.2B keeps its GQA);
+    otherwise the width (a multiple of 64) whose exact-N depth is closest to the family's depth
+    at that width, with the depth rounded to hit N.
+    """
+    if not N > 0:
+        raise InputError(f"target parameter count must be positive, got {N}")
+    best = None
+    for label, d, L, q, kv in FAMILY:
+        s = _shape(d, L, q, kv, vocab_size)
+        err = abs(math.log(non_embedding_params(s) / N))
+        if err <= math.log1p(snap) and (best is None or err < best[0]):
+            best = (err, f"minicpm-{label}", s)
+    if best is not None:
+        return best[1], best[2]
+    cands = []
+    for d in range(D_HEAD, 32768 + 1, D_HEAD):
+        per_layer = non_embedding_params(_shape(d, 1, d // D_HEAD, d // D_HEAD, vocab_size)) - d
+        L_exact = (N - d) / per_layer
+        if L_exact < 1:
+            continue
+        L = max(1, round(L_exact))
+        n_err = abs(
+            non_embedding_params(_shape(d, L, d // D_HEAD, d // D_HEAD, vocab_size)) / N - 1
+        )
+        # prefer shapes within 3% of N, then the family's depth-to-width ratio
+        cands.append((n_err > 0.03, abs(math.log(L_exact / _family_depth(d))), n_err, d, L))
+    if not cands:
+        raise InputError(f"no MiniCPM-shaped model has {N:.3g} non-embedding parameters")
+    *_, d, L = min(cands)
+    s = _shape(d, L, d // D_HEAD, d // D_HEAD, vocab_size)
+    return f"planned-{non_embedding_params(s) / 1e9:.2f}B", s
+
+
+@dataclass
+class Plan:
+    """Everything the planner decided, with the reasons in numbers."""
+
+    name: str
+    shape: Shape
+    N_target: float
+    N: int
+    D: int
+    C_6ND: float
+    C_exact: float
+    loss: float
+    loss_interval: tuple[float, float] | None
+    tokens_per_param: float
+    batch_tokens: float
+    batch_size: int
+    seq_len: int
+    lr: float
+    width_multiplier: float
+    gpu: str
+    mfu: float
+    gpu_hours: float
+    target: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = asdict(self.shape)
+        return d
+
+    def hydra_config(self) -> dict[str, Any]:
+        """The experiment config (schema field names of :mod:`windtunnel.config`)."""
+        s = self.shape
+        steps = max(1, self.D // (self.batch_size * self.seq_len))
+        return {
+            "stage": "full",
+            "model": {
+                "name": self.name,
+                "n_layers": s.n_layers,
+                "d_model": s.d_model,
+                "n_heads": s.n_heads,
+                "n_kv_heads": s.n_kv_heads,
+                "d_head": s.d_head,
+                "d_ff": s.d_ff,
+                "vocab_size": s.vocab_size,
+                "max_seq_len": self.seq_len,
+                "tie_embeddings": True,
+                "mup": True,
+                "dim_model_base": DIM_MODEL_BASE,
+            },
+            "data": {"seq_len": self.seq_len},
+            "optim": {"lr": self.lr, "batch_size": self.batch_size},
+            "schedule": {
+                "kind": "wsd",
+                "warmup_tokens": int(min(0.01 * self.D, 2000 * self.batch_size * self.seq_len))
+                if steps > 100
+                else 0,
+                "decay": "exp",
+                "decay_fraction": 0.1,
+            },
+            "train": {"tokens": int(self.D), "branch_tokens": []},
+        }
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        lo_hi = (
+            f"[{self.loss_interval[0]:.4f}, {self.loss_interval[1]:.4f}]"
+            if self.loss_interval
+            else "n/a (no bootstrap in the fit file)"
+        )
+        head = [
+            "# @package _global_",
+            f"# Full run planned by `windtunnel plan` from a {self.target} fit.",
+            f"# N (non-embedding) = {self.N:,} (target {self.N_target:.4g}),"
+            f" D = {self.D:,} tokens ({self.tokens_per_param:.1f} tokens/param)",
+            f"# C = 6ND = {self.C_6ND:.3e} FLOPs; exact count {self.C_exact:.3e}",
+            f"# predicted final {self.target}: {self.loss:.4f}, interval {lo_hi}",
+            f"# batch: {self.batch_tokens:.3g} tokens/step from the batch-size law"
+            f" → {self.batch_size} × {self.seq_len}",
+            f"# μP: base lr {self.lr:g}, width multiplier m = {self.width_multiplier:g}"
+            " (hidden matrices get lr/m in the trainer)",
+            f"# cost: {self.gpu_hours:,.0f} GPU-hours on {self.gpu.upper()} at MFU {self.mfu:g}",
+            *[f"# note: {n}" for n in self.notes],
+        ]
+        body = yaml.safe_dump(self.hydra_config(), sort_keys=False, default_flow_style=False)
+        return "\n".join(head) + "\n" + body
+
+
+def load_fit_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "fit.json"
+    if not p.exists():
+        raise InputError(f"no fit file at {p}; run `windtunnel fit --out DIR` first")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p} is not a fit file (invalid JSON: {e})") from None
+    if data.get("kind") != "windtunnel.scaling.fit":
+        raise InputError(f"{p} is not a windtunnel fit file")
+    return data
+
+
+def make_plan(
+    fit: dict[str, Any],
+    *,
+    budget_flops: float | None = None,
+    params: float | None = None,
+    tokens: float | None = None,
+    gpu: str = "h100",
+    mfu: float = 0.4,
+    seq_len: int = 4096,
+    vocab_size: int = MINICPM_VOCAB,
+    lr: float | None = None,
+    batch_law: dict[str, float] | None = None,
+    name: str | None = None,
+) -> Plan:
+    """Plan the full run from a loaded fit file (see :func:`load_fit_file`)."""
+    given = [x is not None for x in (budget_flops, params, tokens)]
+    if (budget_flops is not None and any(given[1:])) or not any(given):
+        raise InputError(
+            "give one of --budget-flops, --params or --tokens (or --params with --tokens)"
+        )
+    if gpu.lower() not in GPU_PEAK_BF16:
+        raise InputError(f"unknown GPU {gpu!r}; known: {', '.join(GPU_PEAK_BF16)}")
+    if not 0 < mfu <= 1:
+        raise InputError(f"MFU must be in (0, 1], got {mfu}")
+    f = fit["fit"]
+    law = DataModelLaw(E=f["E"], A=f["A"], B=f["B"], alpha=f["alpha"], beta=f["beta"])
+    notes: list[str] = []
+    if params is not None and tokens is not None:
+        N_t, D_t = float(params), float(tokens)
+    elif budget_flops is not None:
+        al = compute_optimal(law, float(budget_flops))
+        N_t, D_t = al.N_opt, al.D_opt
+    elif params is not None:
+        al = optimal_for_params(law, float(params))
+        N_t, D_t = float(params), al.D_opt
+    else:
+        al = optimal_for_tokens(law, float(tokens))
+        N_t, D_t = al.N_opt, float(tokens)
+    label, shape = choose_shape(N_t, vocab_size=vocab_size)
+    N = non_embedding_params(shape)
+    if budget_flops is not None:
+        D_t = float(budget_flops) / (6.0 * N)  # spend the budget on the shape actually chosen
+    D = int(round(D_t))
+    loss = float(law.predict(N, D))
+    interval = None
+    if fit.get("bootstrap"):
+        boot = BootstrapResult.from_dict(fit["bootstrap"])
+        interval = boot.interval(boot.predict(N, D))
+    bl = batch_law or fit.get("batch_size_law")
+    if not bl:
+        bl = MINICPM_BATCH_LAW
+        notes.append("batch size from MiniCPM's law 1.21e9/L^6.24 (no batch-size law in the fit)")
+        if fit["fit"].get("target", "loss") != "loss":
+            notes.append(
+                f"MiniCPM's batch-size law is in nats of loss but the fit's target is "
+                f"{fit['fit'].get('target')}: fit a batch-size law on the same quantity"
+            )
+    bs_tokens = float(bl["k"] / loss ** bl["gamma"])
+    batch_size = max(1, int(round(bs_tokens / seq_len)))
+    base_lr = float(lr if lr is not None else fit.get("lr") or MINICPM_BASE_LR)
+    C_exact = float(flops_per_token(shape, seq_len) * D)
+    peak = GPU_PEAK_BF16[gpu.lower()]
+    return Plan(
+        name=name or label,
+        shape=shape,
+        N_target=float(N_t),
+        N=int(N),
+        D=D,
+        C_6ND=6.0 * N * D,
+        C_exact=C_exact,
+        loss=loss,
+        loss_interval=interval,
+        tokens_per_param=D / N,
+        batch_tokens=bs_tokens,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=base_lr,
+        width_multiplier=shape.d_model / DIM_MODEL_BASE,
+        gpu=gpu.lower(),
+        mfu=mfu,
+        gpu_hours=C_exact / (peak * mfu) / 3600.0,
+        target=str(fit["fit"].get("target", "loss")),
+        notes=notes,
+    )

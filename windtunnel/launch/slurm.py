@@ -1,0 +1,397 @@
+"""The SLURM launcher, through submitit's `SlurmExecutor`.
+
+:func:`slurm_parameters` is the pure builder: launcher options -> the parameters given to
+``SlurmExecutor.update_parameters`` (sbatch-level names: ``time`` in minutes, ``mem`` as "4GB",
+``additional_parameters`` for extra ``#SBATCH`` lines). :func:`sbatch_script` renders the script
+submitit writes for them. Both are checked against ``tests/golden/slurm_params.json``.
+
+Every launcher instance has a fresh submitit folder ``<folder>/<job_name>-<time>-<rand>``;
+several calls submitted together (``map_array``) form one job array, at most
+``array_parallelism`` running at once. Calls are wrapped in :class:`Requeueable` unless
+``checkpointable=False``: on preemption or near the time limit (SIGUSR2) the job is requeued and
+the same call runs again (it resumes from its own checkpoint).
+
+Job states come from ``sacct`` (accounting must be on: without it a job killed before writing its
+result could never be told from a running one). A job that ends without a result is reported as
+failed with its SLURM state (CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...) and its log tail.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from windtunnel.launch.base import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    Call,
+    JobHandle,
+    Launcher,
+    LauncherConfig,
+    Outcome,
+    check_options,
+)
+
+SLURM_OPTIONS = (
+    "trials_per_job",
+    "folder",
+    "job_name",
+    "partition",
+    "gpus_per_node",
+    "cpus_per_task",
+    "mem_gb",
+    "timeout_min",
+    "array_parallelism",
+    "account",
+    "qos",
+    "constraint",
+    "setup",
+    "extra_sbatch",
+    "signal_delay_s",
+    "max_num_timeout",
+    "checkpointable",
+    "python",
+    "poll_interval_s",
+)
+DEFAULT_JOB_NAME = "windtunnel"
+DEFAULT_TIMEOUT_MIN = 60
+DEFAULT_SIGNAL_DELAY_S = 90
+DEFAULT_POLL_S = 2.0
+PREEMPTED_FINAL_S = 120.0  # PREEMPTED this long without a requeue: preempted for good
+RESULT_GRACE_S = 3.0  # a finished job's result file may show up a little after sacct says so
+LOG_TAIL_LINES = 40
+
+# SLURM job states -> normalized states (the rest: FAILED)
+_ACTIVE = {
+    "PENDING": PENDING,
+    "REQUEUED": PENDING,
+    "REQUEUE_FED": PENDING,
+    "REQUEUE_HOLD": PENDING,
+    "CONFIGURING": PENDING,
+    "SUSPENDED": PENDING,
+    "RESV_DEL_HOLD": PENDING,
+    "RUNNING": RUNNING,
+    "COMPLETING": RUNNING,
+    "PREEMPTED": RUNNING,  # being requeued
+    "RESIZING": RUNNING,
+    "STAGE_OUT": RUNNING,
+    "SIGNALING": RUNNING,
+    "UNKNOWN": PENDING,  # not in sacct yet
+    "READY": PENDING,
+}
+_REASONS = {
+    "TIMEOUT": "hit its time limit",
+    "NODE_FAIL": "its node failed",
+    "OUT_OF_MEMORY": "ran out of memory",
+    "BOOT_FAIL": "its node failed to boot",
+    "DEADLINE": "missed its deadline",
+    "FAILED": "exited with an error before writing a result",
+    "CANCELLED": "was cancelled (scancel, an admin, or preemption without requeue)",
+    "PREEMPTED": "was preempted and not requeued",
+    "COMPLETED": "completed without writing a result",
+}
+
+
+# --- the pure parameter builder -------------------------------------------------------------------
+def _options(options: LauncherConfig | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(options, LauncherConfig):
+        if options.name != "slurm":
+            raise ValueError(f"not a slurm launcher config (name={options.name!r})")
+        return options.explicit()
+    return {k: v for k, v in options.items() if k != "name"}
+
+
+def format_mem(mem_gb: float) -> str:
+    """sbatch --mem for ``mem_gb`` gigabytes: whole GB as "4GB", else MB ("1536MB")."""
+    if mem_gb <= 0:
+        raise ValueError(f"mem_gb must be > 0, got {mem_gb}")
+    return f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB"
+
+
+def slurm_parameters(options: LauncherConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Launcher options -> ``SlurmExecutor.update_parameters`` keyword arguments (pure).
+
+    Defaults: job name "windtunnel", 60 min, one task on one node, USR2 90 s before the limit;
+    with ``trials_per_job = k > 1`` and no ``cpus_per_task``, k CPUs (one per trial process).
+    """
+    o = _options(options)
+    check_options("slurm", SLURM_OPTIONS, o)
+    k = int(o.get("trials_per_job") or 1)
+    time_min = int(o.get("timeout_min") or DEFAULT_TIMEOUT_MIN)
+    if time_min <= 0:
+        raise ValueError(f"timeout_min must be > 0, got {time_min}")
+    signal_delay = int(o.get("signal_delay_s") or DEFAULT_SIGNAL_DELAY_S)
+    if signal_delay >= time_min * 60:
+        raise ValueError(
+            f"signal_delay_s={signal_delay} must be shorter than the time limit ({time_min * 60} s)"
+        )
+    p: dict[str, Any] = {
+        "job_name": str(o.get("job_name") or DEFAULT_JOB_NAME),
+        "time": time_min,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "signal_delay_s": signal_delay,
+    }
+    cpus = o.get("cpus_per_task") or (k if k > 1 else None)
+    if cpus:
+        p["cpus_per_task"] = int(cpus)
+    if o.get("gpus_per_node"):
+        p["gpus_per_node"] = int(o["gpus_per_node"])
+    if o.get("mem_gb"):
+        p["mem"] = format_mem(float(o["mem_gb"]))
+    for key in ("partition", "account", "qos", "constraint"):
+        if o.get(key):
+            p[key] = str(o[key])
+    if o.get("array_parallelism"):
+        n = int(o["array_parallelism"])
+        if n < 1:
+            raise ValueError(f"array_parallelism must be >= 1, got {n}")
+        p["array_parallelism"] = n
+    if o.get("setup"):
+        p["setup"] = [str(line) for line in o["setup"]]
+    extra = dict(o.get("extra_sbatch") or {})
+    if extra:
+        managed = {"job-name", "time", "nodes", "ntasks-per-node", "signal", "cpus-per-task",
+                   "gpus-per-node", "mem", "partition", "account", "qos", "constraint", "array",
+                   "output", "error"}  # fmt: skip
+        clash = sorted(k for k in extra if k.replace("_", "-").lstrip("-") in managed)
+        if clash:
+            raise ValueError(
+                f"extra_sbatch {clash} duplicate(s) launcher options or submitit-managed flags; "
+                "use the launcher option instead"
+            )
+        p["additional_parameters"] = {k.lstrip("-"): extra[k] for k in sorted(extra)}
+    return p
+
+
+def sbatch_script(
+    params: Mapping[str, Any], folder: str | Path, command: str, map_count: int | None = None
+) -> str:
+    """The sbatch script submitit writes for ``params`` (``map_count``: size of a job array)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+
+
+# --- handles --------------------------------------------------------------------------------------
+class _Poller:
+    """One ``sacct`` call for all jobs at most every ``interval`` seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+
+    def refresh(self, interval: float) -> None:
+        from submitit.slurm.slurm import SlurmJob
+
+        with self._lock:
+            if time.monotonic() - self._last < interval:
+                return
+            SlurmJob.watcher.update()
+            self._last = time.monotonic()
+
+
+_poller = _Poller()
+
+
+def _parse_trace(trace: str) -> tuple[str, str]:
+    """(exception class name, message) from the last line of a Python traceback text."""
+    lines = [line for line in trace.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(" ") and ":" in line and not line.startswith("Traceback"):
+            head, _, msg = line.partition(":")
+            if head and " " not in head.strip():
+                return head.strip().rsplit(".", 1)[-1], msg.strip()
+    return "Exception", lines[-1] if lines else ""
+
+
+class SlurmJobHandle(JobHandle):
+    def __init__(self, job: Any, poll_interval_s: float) -> None:
+        from submitit.slurm.slurm import SlurmJob
+
+        self._job = job
+        self.job_id = str(job.job_id)
+        self._poll = poll_interval_s
+        self._cancel_requested = False
+        self._outcome: Outcome | None = None
+        self._preempted_since: float | None = None
+        SlurmJob.watcher.register_job(self.job_id)
+
+    @property
+    def submitit_job(self) -> Any:
+        return self._job
+
+    @property
+    def paths(self) -> Any:
+        return self._job.paths
+
+    @property
+    def native_state(self) -> str:
+        from submitit.slurm.slurm import SlurmJob
+
+        _poller.refresh(self._poll)
+        return SlurmJob.watcher.get_state(self.job_id, mode="cache")
+
+    @property
+    def state(self) -> str:
+        if self._outcome is not None or self.done():
+            out = self._finish()
+            if out.cancelled:
+                return CANCELLED
+            return COMPLETED if out.ok else FAILED
+        return _ACTIVE.get(self.native_state.split()[0].upper(), RUNNING)
+
+    def _has_result(self) -> bool:
+        return self._job.paths.result_pickle.exists()
+
+    def done(self) -> bool:
+        if self._outcome is not None or self._has_result():
+            return True
+        native = self.native_state
+        state = native.split()[0].upper() if native else "UNKNOWN"
+        if state == "PREEMPTED":  # being requeued, or final where preemption cancels jobs
+            if self._preempted_since is None:
+                self._preempted_since = time.monotonic()
+            return time.monotonic() - self._preempted_since > PREEMPTED_FINAL_S
+        self._preempted_since = None
+        return state not in _ACTIVE
+
+    def _wait_outcome(self, timeout: float | None) -> Outcome:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.job_id} still {self.state} after {timeout} s")
+            time.sleep(0.1)
+        return self._finish()
+
+    def _finish(self) -> Outcome:
+        if self._outcome is not None:
+            return self._outcome
+        paths = self._job.paths
+        native = self.native_state or "UNKNOWN"
+        word = native.split()[0].upper()
+        # a job that ran to its end may have written its result a moment before sacct says so
+        grace = (
+            RESULT_GRACE_S if word in ("COMPLETED", "FAILED") and not self._cancel_requested else 0
+        )
+        deadline = time.monotonic() + grace
+        while not paths.result_pickle.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if paths.result_pickle.exists():
+            status, value = self._job._get_outcome_and_result()
+            if status == "success":
+                self._outcome = Outcome(True, value)
+            else:
+                exc_type, message = _parse_trace(str(value))
+                self._outcome = Outcome(
+                    False, exc_type=exc_type, message=message, traceback=str(value)
+                )
+        elif self._cancel_requested:
+            self._outcome = Outcome.cancel()
+        else:
+            why = _REASONS.get(word, "ended without a result")
+            self._outcome = Outcome.failed(f"slurm job {why} (state {native})", log=self.log_tail())
+        return self._outcome
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str | None:
+        parts = []
+        for p in (self._job.paths.stderr, self._job.paths.stdout):
+            try:
+                text = p.read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                parts.append("\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts) or None
+
+    def cancel(self) -> None:
+        if self.done():
+            return
+        self._cancel_requested = True
+        self._job.cancel(check=False)
+
+
+def _check_accounting() -> None:
+    """Warn when ``sacct`` fails: without accounting a job killed before writing its result
+    cannot be told from a running one (its handle would only ever time out)."""
+    try:
+        r = subprocess.run(
+            ["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        problem = r.stderr.strip() if r.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem = str(e)
+    if problem:
+        warnings.warn(
+            f"slurm launcher: sacct does not work ({problem.splitlines()[-1]}); job states "
+            "cannot be read, so a job that dies without a result is only seen through timeouts",
+            stacklevel=3,
+        )
+
+
+# --- the launcher ---------------------------------------------------------------------------------
+class SlurmLauncher(Launcher):
+    """Submits to SLURM through submitit; see the module docstring."""
+
+    name = "slurm"
+    OPTIONS = SLURM_OPTIONS
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        from submitit import SlurmExecutor
+
+        self.parameters = slurm_parameters(options)
+        root = Path(options.get("folder") or Path.cwd() / ".windtunnel" / "submitit")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.folder = (
+            root.absolute() / f"{self.parameters['job_name']}-{stamp}-{uuid.uuid4().hex[:6]}"
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.checkpointable = options.get("checkpointable", True) is not False
+        self.poll_interval_s = float(options.get("poll_interval_s") or DEFAULT_POLL_S)
+        python = options.get("python") or shlex.quote(sys.executable)
+        self.executor = SlurmExecutor(
+            folder=self.folder,
+            max_num_timeout=int(options.get("max_num_timeout") or 3),
+            python=python,
+        )
+        self.executor.update_parameters(**self.parameters)
+        self._lock = threading.Lock()
+        _check_accounting()
+
+    def _wrap(self, fn: Any) -> Any:
+        if not self.checkpointable or hasattr(fn, "checkpoint"):
+            return fn
+        from windtunnel.launch.checkpoint import Requeueable
+
+        return Requeueable(fn)
+
+    def _submit_calls(self, calls: list[Call]) -> list[JobHandle]:
+        with self._lock:  # submitit's executor (and its batch context) is not thread-safe
+            if len(calls) == 1:
+                fn, args, kwargs = calls[0]
+                jobs = [self.executor.submit(self._wrap(fn), *args, **kwargs)]
+            else:  # one job array
+                with self.executor.batch():
+                    jobs = [self.executor.submit(self._wrap(fn), *a, **kw) for fn, a, kw in calls]
+        return [SlurmJobHandle(j, self.poll_interval_s) for j in jobs]
+
+    def sbatch_script(self, map_count: int | None = None) -> str:
+        """The sbatch script this launcher's jobs get (for inspection)."""
+        return sbatch_script(
+            self.parameters, self.folder, self.executor._submitit_command_str, map_count
+        )

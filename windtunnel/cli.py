@@ -271,21 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--path", default=".windtunnel/runs", help="a journal.jsonl or a folder of runs")
     r.add_argument("--tracking-uri", default="", help="default: the local server of tracker config")
     add("server", cmd_server, "start, stop or show the local MLflow server", "action")
-    for name, target, helptext in (
-        (
-            "fit",
-            "windtunnel.scaling.cli:fit_main",
-            "fit scaling laws (see `windtunnel fit --help`)",
-        ),
-        (
-            "plan",
-            "windtunnel.scaling.cli:plan_main",
-            "plan the full run from a fit (`windtunnel plan --help`)",
-        ),
-    ):
-        sp = sub.add_parser(name, help=helptext, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=_delegate(target))
+    for name, (_, helptext) in DELEGATED.items():
+        sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 

@@ -204,6 +204,8 @@ class TrackerConfig:
     """Working directory of the local server (SQLite store, artifacts, logs)."""
     flush_every: int = 50
     """Metric points buffered before a batched send."""
+    parent_run_id: str = ""
+    """Nest this run under that run (a sweep's parent run)."""
 
 
 @dataclass(kw_only=True)
@@ -218,6 +220,8 @@ class RunConfig:
     """Parent folder of run folders (checkpoints, journal, resolved config)."""
     resume: bool = True
     """Resume from the run folder's latest checkpoint when it exists."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tracker tags (a sweep sets its study and trial number here)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

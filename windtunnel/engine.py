@@ -27,6 +27,10 @@ class Diverged(RuntimeError):
     """Training produced a non-finite loss, a loss above the cap, or a loss spike."""
 
 
+class Pruned(RuntimeError):
+    """A sweep's pruner stopped this trial on an intermediate evaluation."""
+
+
 class Preempted(RuntimeError):
     """A stop was requested (SIGUSR2/SIGTERM); the state was checkpointed first."""
 

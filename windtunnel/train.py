@@ -22,16 +22,17 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from windtunnel.config import Resolved, RunConfig, resolve, to_dict
-from windtunnel.engine import Diverged, Engine, Preempted, schedule_for
+from windtunnel.engine import Diverged, Engine, Preempted, Pruned, schedule_for
 
 LN2 = math.log(2.0)
+OnEval = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PointResult:
 @dataclass
 class TrainResult:
     status: str
-    """``finished``, ``diverged`` or ``preempted``."""
+    """``finished``, ``diverged``, ``pruned`` or ``preempted``."""
     run_id: str
     tracking_uri: str
     run_dir: str
@@ -76,7 +77,7 @@ class TrainResult:
 def identity(cfg: RunConfig) -> dict[str, Any]:
     """The part of a config that determines the run's results (not where it is tracked)."""
     d = json.loads(json.dumps(to_dict(cfg), default=str))
-    for key in ("tracker", "resume", "run_dir", "name", "stage"):
+    for key in ("tracker", "resume", "run_dir", "name", "stage", "tags"):
         d.pop(key)
     for key in ("progress", "device", "threads"):
         d["train"].pop(key)
@@ -168,6 +169,8 @@ class _Segment:
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self.t.eval_metrics()
         self.log(step, metrics, "eval")
+        if self.t.on_eval is not None and self.name in ("main", "trunk") and step > 0:
+            self.t.on_eval(step * self.t.res.tokens_per_step, metrics)  # may raise Pruned
         return metrics
 
     def train(self, stop: int, forks: dict[int, Path] | None = None) -> None:
@@ -218,7 +221,12 @@ class Trainer:
     """Owns one run folder; :meth:`run` trains (or resumes) it to its result."""
 
     def __init__(
-        self, cfg: RunConfig, *, tracker: Any = None, handle_signals: bool = False
+        self,
+        cfg: RunConfig,
+        *,
+        tracker: Any = None,
+        handle_signals: bool = False,
+        on_eval: OnEval | None = None,
     ) -> None:
         from windtunnel.data import BatchSampler, prepare, val_batches
 
@@ -228,6 +236,7 @@ class Trainer:
         self.name = run_name(cfg)
         self.dir = Path(cfg.run_dir) / self.name
         self.handle_signals = handle_signals
+        self.on_eval = on_eval
         if tracker is None:
             from windtunnel.tracking import open_tracker
 
@@ -289,6 +298,7 @@ class Trainer:
             "wt.batch_tokens": str(self.res.tokens_per_step),
             "wt.seed": str(c.train.seed),
             "wt.mup": str(c.model.mup).lower(),
+            **c.tags,
             **extra,
         }
 
@@ -319,12 +329,17 @@ class Trainer:
             experiment=self.cfg.tracker.experiment,
             params=self.params(),
             tags=self.tags(**{"wt.kind": kind, "wt.point": str(not self.res.branching).lower()}),
+            parent=self.cfg.tracker.parent_run_id or None,
         )
         parent.log_dict(self.params(), "config.json")
         try:
             result = self._run(parent)
         except Diverged as e:
             result = self._failed("diverged", str(e), parent)
+        except Pruned as e:
+            parent.set_tags({"wt.pruned": "true"})
+            parent.finish("KILLED", error=f"pruned: {e}")
+            result = self._summary(parent, "pruned", [], failure=str(e))
         except Preempted as e:
             parent.flush()
             return self._summary(parent, "preempted", [], failure=str(e))
@@ -460,7 +475,16 @@ def _result_from_json(d: dict[str, Any]) -> TrainResult:
     return TrainResult(**d)
 
 
-def train(cfg: RunConfig, *, tracker: Any = None, handle_signals: bool = False) -> TrainResult:
-    """Train (or resume) one run to its result. Config errors raise ``ValueError``; divergence
-    and preemption come back as the result's ``status`` (recorded in the tracker)."""
-    return Trainer(cfg, tracker=tracker, handle_signals=handle_signals).run()
+def train(
+    cfg: RunConfig,
+    *,
+    tracker: Any = None,
+    handle_signals: bool = False,
+    on_eval: OnEval | None = None,
+) -> TrainResult:
+    """Train (or resume) one run to its result. Config errors raise ``ValueError``; divergence,
+    pruning and preemption come back as the result's ``status`` (recorded in the tracker).
+    ``on_eval(tokens, metrics)`` sees every evaluation of the stable trunk and may raise
+    :class:`~windtunnel.engine.Pruned`."""
+    trainer = Trainer(cfg, tracker=tracker, handle_signals=handle_signals, on_eval=on_eval)
+    return trainer.run()

@@ -53,3 +53,13 @@ def test_params_prints_one_json_line(capsys: pytest.CaptureFixture) -> None:
     assert main(["params", "model=micro_s"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["non_embedding_params"] == 188_992
+
+
+def test_bench_reports_ratios(capsys: pytest.CaptureFixture) -> None:
+    args = ["bench", "--models", "micro_xxs", "--steps", "2", "--no-compile", "data.seq_len=64"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = out["rows"][0]
+    assert out["matmul_peak_flops"] > 0
+    assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0
+    assert 0 < row["share_of_peak"] < 1.5

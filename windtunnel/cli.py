@@ -173,7 +173,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from windtunnel.bench import BENCH_DEFAULTS, run_bench
 
     cfg = compose([*BENCH_DEFAULTS, *args.overrides])
-    report = run_bench(cfg, models=args.models, steps=args.steps, baseline=not args.no_baseline)
+    report = run_bench(
+        cfg,
+        models=args.models,
+        steps=args.steps,
+        baseline=not args.no_baseline,
+        compiled=not args.no_compile,
+    )
     print(report.table(), file=sys.stderr)
     emit(report.to_json())
     return 0
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-baseline", action="store_true", help="skip the plain PyTorch reference loop"
     )
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     r = add(
         "replay", cmd_replay, "send run journals (JSONL) to MLflow, e.g. after the server was down"
     )

@@ -36,17 +36,17 @@ def flash_attn_available(device: torch.device) -> bool:
     return True
 
 
-def rope_tables(d_head: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, d_head/2] for rotary embeddings."""
+def rope_table(d_head: int, max_len: int, theta: float) -> torch.Tensor:
+    """Rotations e^{i·pos·θ_k} as a complex table [max_len, d_head/2]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dim. x: [B, H, T, Dh]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of the head dim as complex numbers. x: [B, H, T, Dh]."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -67,12 +67,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
         self.use_flash = False  # set by Decoder.configure_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         hq, hkv, dh = self.n_heads, self.n_kv_heads, self.d_head
         q, k, v = self.wqkv(x).split((hq * dh, hkv * dh, hkv * dh), dim=-1)
-        q = apply_rope(q.view(B, T, hq, dh).transpose(1, 2), cos, sin)  # [B, Hq, T, Dh]
-        k = apply_rope(k.view(B, T, hkv, dh).transpose(1, 2), cos, sin)  # [B, Hkv, T, Dh]
+        q = apply_rope(q.view(B, T, hq, dh).transpose(1, 2), rot)  # [B, Hq, T, Dh]
+        k = apply_rope(k.view(B, T, hkv, dh).transpose(1, 2), rot)  # [B, Hkv, T, Dh]
         v = v.view(B, T, hkv, dh).transpose(1, 2)
         if self.use_flash:
             from flash_attn import flash_attn_func
@@ -125,9 +125,8 @@ class Decoder(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
-        cos, sin = rope_tables(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        rope = rope_table(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope", rope, persistent=False)
         self.reset_parameters()
 
     # -- μP init ---------------------------------------------------------------------------------
@@ -156,14 +155,12 @@ class Decoder(nn.Module):
         """tokens [B, T] → logits [B, T, V]. ``capture`` (coordinate check) receives activations."""
         cfg = self.cfg
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        rot = self.rope[:T]
         branch_scale = cfg.scale_depth / math.sqrt(cfg.n_layers)
 
         x = cfg.scale_emb * self.embed(tokens)  # μP: embedding output multiplier
         for i, block in enumerate(self.blocks):
-            x = x + branch_scale * block.attn(
-                block.attn_norm(x), cos, sin
-            )  # μP: depth-scaled residual
+            x = x + branch_scale * block.attn(block.attn_norm(x), rot)  # μP: depth-scaled residual
             x = x + branch_scale * block.mlp(block.mlp_norm(x))
             if capture is not None:
                 capture[f"block{i}"] = x.detach()

@@ -185,6 +185,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from windtunnel.sweep import load_sweep, run_sweep
+    from windtunnel.sweep.view import SweepView
+
+    spec = load_sweep(args.spec, args.overrides)
+    summary = run_sweep(spec, view=SweepView(spec.sweep.n_trials, spec.sweep.name))
+    for number, reason in sorted(summary.failures.items()):
+        print(f"trial {number} failed: {reason}", file=sys.stderr)
+    emit(summary.to_json())
+    return 0 if summary.n_complete else EXIT_RUN_FAILED
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from windtunnel.tracking import replay_journal
 
@@ -250,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=helptext, description=helptext, epilog=groups_help(), formatter_class=fmt
         )
         for positional in first:  # positionals that come before the overrides
-            sp.add_argument(positional, choices=["start", "stop", "status"])
+            if positional == "action":
+                sp.add_argument(positional, choices=["start", "stop", "status"])
+            else:
+                sp.add_argument(positional, help="a sweep spec, e.g. sweeps/smoke.yaml")
         sp.add_argument(
             "overrides", nargs="*", help="Hydra overrides, e.g. model=micro_m optim.lr=3e-3"
         )
@@ -272,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-baseline", action="store_true", help="skip the plain PyTorch reference loop"
     )
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    add(
+        "sweep",
+        cmd_sweep,
+        "run or resume a sweep: windtunnel sweep sweeps/smoke.yaml [launcher=slurm sweep.n_trials=64]",
+        "spec",
+    )
     r = add(
         "replay", cmd_replay, "send run journals (JSONL) to MLflow, e.g. after the server was down"
     )

@@ -179,7 +179,7 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
     checkpoint_every_tokens: int = 0
-    """Periodic checkpoint for resume (0: only at branch points and the end)."""
+    """Periodic checkpoint for resume (0: at every evaluation)."""
     divergence_factor: float = 3.0
     """Fail when the smoothed train loss exceeds this times its running minimum."""
     max_loss: float = 0.0
@@ -462,7 +462,10 @@ def resolve(cfg: RunConfig, vocab_size: int = 0) -> Resolved:
         if t.eval_every_tokens
         else math.ceil(total / 10)
     )
-    ckpt = round(t.checkpoint_every_tokens / tokens_per_step) if t.checkpoint_every_tokens else 0
+    # default: a checkpoint at every evaluation, so a killed run loses at most one interval
+    ckpt = (
+        round(t.checkpoint_every_tokens / tokens_per_step) if t.checkpoint_every_tokens else every
+    )
     return Resolved(
         cfg=dataclasses.replace(cfg, model=model),
         non_embedding_params=n,

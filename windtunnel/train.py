@@ -118,6 +118,24 @@ def _json_write(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``; wait (saying so) while another process holds it."""
+    import fcntl
+    import sys
+
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process training {path.parent}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _show_progress(cfg: RunConfig) -> bool:
     return cfg.train.progress and not os.environ.get("WINDTUNNEL_NO_PROGRESS")
 
@@ -309,15 +327,23 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train to the result; one process per run folder (a second one waits, then reuses)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.dir / "run.lock"):
+            return self._run_locked()
+
+    def _run_locked(self) -> TrainResult:
         done = self.dir / "result.json"
         if self.cfg.resume and (self.dir / "identity.json").exists():
             check_same_run(json.loads((self.dir / "identity.json").read_text()), self.cfg, self.dir)
         if self.cfg.resume and done.exists():
             return _result_from_json(json.loads(done.read_text()))
-        if not self.cfg.resume and self.dir.exists():
+        if not self.cfg.resume:  # start over: clear everything but the lock we hold
             import shutil
 
-            shutil.rmtree(self.dir)
+            for child in self.dir.iterdir():
+                if child.name != "run.lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
         _json_write(self.dir / "identity.json", identity(self.cfg))

@@ -1,0 +1,329 @@
+"""The Optuna sweep driver: asynchronous ask/tell over any launcher, resumable, nothing lost.
+
+* **Asynchronous**: a new trial is asked for as soon as a slot frees up (no blocking batches);
+  TPE runs with ``constant_liar`` so that concurrent asks spread out.
+* **Resumable**: the study lives in Optuna's journal file (or an RDB) under the sweep's name.
+  Rerunning the same sweep loads it; trials left RUNNING by a dead driver are resubmitted as the
+  same trial, whose worker resumes its run folder from the last checkpoint; no trial is
+  duplicated, none is lost.
+* **Accounted for**: every trial ends COMPLETE, PRUNED or FAIL; a FAIL carries its reason in the
+  ``fail_reason`` user attribute (diverged, job killed, …). A job that died is resubmitted up to
+  ``max_retries`` times first.
+* **Tracked**: one MLflow parent run per sweep; each trial is a nested run tagged with the study
+  and trial number; the best value and parameters are recorded on the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from windtunnel.sweep.spec import (
+    SweepFile,
+    distributions,
+    grid_points,
+    grid_size,
+    make_pruner,
+    make_sampler,
+    to_plain,
+)
+from windtunnel.sweep.trial import TrialSpec, open_storage, run_trial
+
+ATTEMPTS = "wt.attempts"
+FAIL_REASON = "fail_reason"
+
+
+@dataclass
+class SweepSummary:
+    study: str
+    storage: str
+    n_trials: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_trial: int | None
+    best_overrides: list[str]
+    """The best parameters as run-config overrides (``optim.lr=0.0071``)."""
+    parent_run_id: str
+    tracking_uri: str
+    folder: str
+    seconds: float = 0.0
+    failures: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def storage_url(spec: SweepFile) -> str:
+    if spec.sweep.storage:
+        if spec.sweep.storage.startswith("sqlite") and spec.sweep.parallelism > 1:
+            raise ValueError(
+                "sweep.storage is a SQLite file shared by concurrent writers, which corrupts or "
+                "locks under load: leave it empty (journal file) or use PostgreSQL/MySQL"
+            )
+        return spec.sweep.storage
+    return f"journal:{(spec.folder / 'optuna.journal').resolve()}"
+
+
+class Driver:
+    def __init__(self, spec: SweepFile, *, view: Any = None) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.spec, self.s = spec, spec.sweep
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        (spec.folder / "spec.json").write_text(json.dumps(to_plain(spec), indent=1, default=str))
+        self.url = storage_url(spec)
+        self.study = optuna.create_study(
+            study_name=self.s.name,
+            storage=open_storage(self.url),
+            sampler=make_sampler(self.s),
+            pruner=make_pruner(self.s),
+            direction=self.s.direction,
+            load_if_exists=True,
+        )
+        # A resumed study must not replay the seeded sampler's sequence from the start: seed it
+        # with the number of trials it already has (deterministic for a given history).
+        n_before = len(self.study.get_trials(deepcopy=False))
+        if n_before:
+            self.study.sampler = make_sampler(self.s, seed_offset=n_before)
+        grid = self.s.sampler.kind == "grid"
+        self.dists = distributions(self.s.space, grid=grid)
+        self.n_target = min(self.s.n_trials, grid_size(self.s.space)) if grid else self.s.n_trials
+        if grid:
+            self._enqueue_grid()
+        self.view = view
+        self.active: dict[int, tuple[Any, TrialSpec]] = {}  # trial number → (handle, spec)
+        self.failures: dict[int, str] = {}
+        self.parent = None
+        self.tracker = None
+
+    def _enqueue_grid(self) -> None:
+        """Queue the grid points the study has not seen yet (so a resumed grid continues)."""
+        seen = [t.params for t in self.study.get_trials(deepcopy=False)]
+        for point in grid_points(self.s.space)[: self.n_target]:
+            if point not in seen:
+                self.study.enqueue_trial(point)
+
+    def _n_started(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
+
+    # -- the trial's run config ------------------------------------------------------------------
+    def _run_overrides(self, number: int, params: dict[str, Any]) -> list[str]:
+        s = self.s
+        threads = s.threads_per_trial
+        if not threads and self.spec.launcher.name in ("local", "inline"):
+            threads = max(1, (os.cpu_count() or 1) // s.parallelism)
+        extra = [f"train.threads={threads}"] if threads else []
+        parent = [f"tracker.parent_run_id={self.parent.run_id}"] if self.parent else []
+        return [
+            *self.spec.run,
+            f"name={s.name}-t{number:04d}",
+            f"stage={s.stage}",
+            f"run_dir={(self.spec.folder / 'runs').resolve()}",
+            "train.progress=false",
+            *extra,
+            *parent,
+            *s.overrides(params),
+        ]
+
+    def _trial_spec(self, trial_id: int, number: int, params: dict[str, Any]) -> TrialSpec:
+        from windtunnel.cli import conf_dir
+
+        return TrialSpec(
+            storage=self.url,
+            study=self.s.name,
+            trial_id=trial_id,
+            number=number,
+            overrides=self._run_overrides(number, params),
+            objective=self.s.objective,
+            n_warmup_evals=self.s.pruner.n_warmup_evals,
+            pruner=self.s.pruner,
+            conf_dir=str(conf_dir()),
+            tags={
+                "wt.sweep": self.s.name,
+                "optuna.study": self.s.name,
+                "optuna.trial": str(number),
+            },
+        )
+
+    # -- tracking --------------------------------------------------------------------------------
+    def _open_parent(self) -> None:
+        from windtunnel.cli import compose
+        from windtunnel.tracking import open_tracker
+
+        base = compose(self.spec.run)
+        self.tracker = open_tracker(base.tracker)
+        self.parent = self.tracker.start_run(
+            run_dir=self.spec.folder / "parent",
+            name=f"sweep-{self.s.name}",
+            experiment=base.tracker.experiment,
+            params={"sweep": to_plain(self.spec)},
+            tags={
+                "wt.kind": "sweep",
+                "wt.stage": self.s.stage,
+                "wt.sweep": self.s.name,
+                "optuna.study": self.s.name,
+            },
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, launcher: Any, poll_s: float = 0.5) -> SweepSummary:
+        from optuna.trial import TrialState
+
+        t0 = time.time()
+        self._open_parent()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self._submit(launcher, t._trial_id, t.number, t.params, resumed=True)
+        try:
+            while True:
+                while len(self.active) < self.s.parallelism and self._n_started() < self.n_target:
+                    trial = self.study.ask(self.dists)
+                    self._submit(launcher, trial._trial_id, trial.number, trial.params)
+                if not self.active:
+                    break
+                finished = [n for n, (h, _) in self.active.items() if h.done()]
+                for n in finished:
+                    self._collect(launcher, n)
+                if self.view is not None:
+                    self.view.update(self.study, self.active)
+                if not finished:
+                    time.sleep(poll_s)
+        finally:
+            if self.view is not None:
+                self.view.close(self.study)
+        summary = self.summary(time.time() - t0)
+        self._close_parent(summary)
+        return summary
+
+    def _submit(
+        self,
+        launcher: Any,
+        trial_id: int,
+        number: int,
+        params: dict[str, Any],
+        resumed: bool = False,
+    ) -> None:
+        import optuna
+
+        spec = self._trial_spec(trial_id, number, params)
+        trial = optuna.Trial(self.study, trial_id)
+        attempts = int(trial.user_attrs.get(ATTEMPTS, 0)) + 1
+        trial.set_user_attr(ATTEMPTS, attempts)
+        if resumed:
+            trial.set_user_attr("wt.resumed", True)
+        self.active[number] = (launcher.submit(run_trial, spec), spec)
+
+    def _collect(self, launcher: Any, number: int) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        handle, spec = self.active.pop(number)
+        trial = optuna.Trial(self.study, spec.trial_id)
+        try:
+            out = handle.result(timeout=60)
+        except Exception as e:  # the job died: killed, node lost, time limit, worker error
+            reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+            if int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
+                self._submit(
+                    launcher,
+                    spec.trial_id,
+                    number,
+                    self.study._storage.get_trial(spec.trial_id).params,
+                )
+                return
+            self._fail(trial, f"job failed: {reason}")
+            return
+        status = out["status"]
+        if status == "finished" and math.isfinite(out["value"]):
+            trial.set_user_attr("run_id", out["run_id"])
+            self.study.tell(spec.trial_id, out["value"])
+        elif status == "pruned":
+            trial.set_user_attr("run_id", out["run_id"])
+            self.study.tell(spec.trial_id, state=TrialState.PRUNED)
+        elif status == "preempted" and int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
+            self._submit(
+                launcher, spec.trial_id, number, self.study._storage.get_trial(spec.trial_id).params
+            )
+        else:
+            self._fail(trial, f"{status}: {out.get('failure')}")
+
+    def _fail(self, trial: Any, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr(FAIL_REASON, reason[:2000])
+        self.failures[trial.number] = reason
+        self.study.tell(trial._trial_id, state=TrialState.FAIL)
+
+    # -- results ---------------------------------------------------------------------------------
+    def summary(self, seconds: float = 0.0) -> SweepSummary:
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        count = {st: sum(t.state == st for t in trials) for st in TrialState}
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = self.study.best_trial if done else None
+        failures = {
+            t.number: str(t.user_attrs.get(FAIL_REASON, ""))
+            for t in trials
+            if t.state == TrialState.FAIL
+        }
+        return SweepSummary(
+            study=self.s.name,
+            storage=self.url,
+            n_trials=len(trials),
+            n_complete=count[TrialState.COMPLETE],
+            n_pruned=count[TrialState.PRUNED],
+            n_failed=count[TrialState.FAIL],
+            best_value=best.value if best else None,
+            best_params=dict(best.params) if best else {},
+            best_trial=best.number if best else None,
+            best_overrides=self.s.overrides(dict(best.params)) if best else [],
+            parent_run_id=self.parent.run_id if self.parent else "",
+            tracking_uri=self.tracker.tracking_uri if self.tracker else "",
+            folder=str(self.spec.folder),
+            seconds=seconds,
+            failures=failures,
+        )
+
+    def _close_parent(self, summary: SweepSummary) -> None:
+        if self.parent is None:
+            return
+        tags = {f"best.{k}": str(v) for k, v in summary.best_params.items()}
+        tags["best.trial"] = str(summary.best_trial)
+        self.parent.set_tags(tags)
+        metrics = {
+            "n_complete": summary.n_complete,
+            "n_pruned": summary.n_pruned,
+            "n_failed": summary.n_failed,
+        }
+        if summary.best_value is not None:
+            metrics["best_value"] = summary.best_value
+        self.parent.log_metrics(metrics, step=summary.n_trials)
+        self.parent.log_dict(summary.to_json(), "sweep_summary.json")
+        self.parent.finish("FINISHED")
+
+
+def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
+    """Run (or resume) a sweep to its end with the spec's launcher."""
+    if spec.sweep.engine == "ray":
+        from windtunnel.sweep.ray_tune import run_ray_sweep
+
+        return run_ray_sweep(spec)
+    from windtunnel.launch import make_launcher
+
+    launcher = make_launcher(spec.launcher)
+    try:
+        return Driver(spec, view=view).run(launcher)
+    finally:
+        launcher.close()

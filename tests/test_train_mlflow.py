@@ -73,3 +73,40 @@ def test_absent_server_loses_nothing_and_replay_delivers(
     # a second replay sends nothing twice
     assert main(["replay", "--path", str(run_dir), "--tracking-uri", mlflow_server.uri]) == 0
     assert len(client.get_metric_history(runs[0].info.run_id, "val_loss")) == len(history)
+
+
+def test_fit_reads_the_trainers_points_from_mlflow(tmp_path: Path, mlflow_server, capsys) -> None:
+    """Trainer → MLflow → `windtunnel fit`: the run table contract holds end to end."""
+    import json
+
+    experiment = "wt-ladder-e2e"
+    for width in (16, 24, 32):
+        overrides = _mlflow_overrides(
+            tmp_path,
+            mlflow_server.uri,
+            f"model.d_model={width}",
+            f"model.n_heads={width // 8}",
+            "model.d_head=8",
+            "train.branch_tokens=[4096,8192,16384]",
+            "stage=ladder",
+        )
+        cfg = compose([*overrides, f"tracker.experiment={experiment}"])
+        assert train(cfg).status == "finished"
+    capsys.readouterr()
+    code = main(
+        [
+            "fit",
+            "--input",
+            experiment,
+            "--tracking-uri",
+            mlflow_server.uri,
+            "--target",
+            "bpb",
+            "--json",
+        ]
+    )
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0, out
+    fit = json.loads(out)
+    assert fit["n_points"] == 9
+    assert fit["alpha"] > 0 and fit["beta"] > 0

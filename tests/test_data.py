@@ -184,10 +184,15 @@ p.prepare(DataConfig(name="tiny", vocab_size=300, seq_len=16, val_fraction=0.1,
 
 
 def test_progress_bars_only_when_wanted(tmp_path, monkeypatch, capfd):
+    import sys
+
     monkeypatch.delenv("WINDTUNNEL_NO_PROGRESS", raising=False)
-    data.prepare(tiny_cfg(tmp_path / "a"), progress=False)
+    data.prepare(tiny_cfg(tmp_path / "a"), progress=True)  # not a terminal: no bars in logs
     assert capfd.readouterr().err == ""
-    data.prepare(tiny_cfg(tmp_path / "b"), progress=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    data.prepare(tiny_cfg(tmp_path / "b"), progress=False)
+    assert capfd.readouterr().err == ""
+    data.prepare(tiny_cfg(tmp_path / "c"), progress=True)
     err = capfd.readouterr().err
     assert "read" in err and "encode" in err
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -137,7 +138,9 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 def _show_progress(cfg: RunConfig) -> bool:
-    return cfg.train.progress and not os.environ.get("WINDTUNNEL_NO_PROGRESS")
+    """Bars on a terminal only: in log files (CI, SLURM) they would be one endless line."""
+    env_off = os.environ.get("WINDTUNNEL_NO_PROGRESS")
+    return cfg.train.progress and not env_off and sys.stderr.isatty()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -74,7 +75,8 @@ def _blocks(docs: list[str], frac: float) -> tuple[list[tuple[str, bool]], list[
 
 
 def _show(progress: bool) -> bool:
-    return progress and not os.environ.get("WINDTUNNEL_NO_PROGRESS")
+    """Bars on a terminal only: in log files (CI, SLURM) they would be one endless line."""
+    return progress and not os.environ.get("WINDTUNNEL_NO_PROGRESS") and sys.stderr.isatty()
 
 
 def _train_tokenizer(texts: Iterable[str], cfg: DataConfig, progress: bool) -> Tokenizer:

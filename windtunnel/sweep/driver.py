@@ -120,22 +120,11 @@ class Driver:
 
     # -- the trial's run config ------------------------------------------------------------------
     def _run_overrides(self, number: int, params: dict[str, Any]) -> list[str]:
-        s = self.s
-        threads = s.threads_per_trial
+        threads = self.s.threads_per_trial
         if not threads and self.spec.launcher.name in ("local", "inline"):
-            threads = max(1, (os.cpu_count() or 1) // s.parallelism)
-        extra = [f"train.threads={threads}"] if threads else []
-        parent = [f"tracker.parent_run_id={self.parent.run_id}"] if self.parent else []
-        return [
-            *self.spec.run,
-            f"name={s.name}-t{number:04d}",
-            f"stage={s.stage}",
-            f"run_dir={(self.spec.folder / 'runs').resolve()}",
-            "train.progress=false",
-            *extra,
-            *parent,
-            *s.overrides(params),
-        ]
+            threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
+        parent = self.parent.run_id if self.parent else None
+        return trial_overrides(self.spec, number, params, parent_run_id=parent, threads=threads)
 
     def _trial_spec(self, trial_id: int, number: int, params: dict[str, Any]) -> TrialSpec:
         from windtunnel.cli import conf_dir
@@ -150,32 +139,12 @@ class Driver:
             n_warmup_evals=self.s.pruner.n_warmup_evals,
             pruner=self.s.pruner,
             conf_dir=str(conf_dir()),
-            tags={
-                "wt.sweep": self.s.name,
-                "optuna.study": self.s.name,
-                "optuna.trial": str(number),
-            },
+            tags=trial_tags(self.s.name, number),
         )
 
     # -- tracking --------------------------------------------------------------------------------
     def _open_parent(self) -> None:
-        from windtunnel.cli import compose
-        from windtunnel.tracking import open_tracker
-
-        base = compose(self.spec.run)
-        self.tracker = open_tracker(base.tracker)
-        self.parent = self.tracker.start_run(
-            run_dir=self.spec.folder / "parent",
-            name=f"sweep-{self.s.name}",
-            experiment=base.tracker.experiment,
-            params={"sweep": to_plain(self.spec)},
-            tags={
-                "wt.kind": "sweep",
-                "wt.stage": self.s.stage,
-                "wt.sweep": self.s.name,
-                "optuna.study": self.s.name,
-            },
-        )
+        self.tracker, self.parent = open_parent(self.spec)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, launcher: Any, poll_s: float = 0.5) -> SweepSummary:
@@ -245,11 +214,11 @@ class Driver:
             self._fail(trial, f"job failed: {reason}")
             return
         status = out["status"]
+        for key in ("run_id", "tokens", "flops"):  # compute spent, also by pruned trials
+            trial.set_user_attr(key, out.get(key))
         if status == "finished" and math.isfinite(out["value"]):
-            trial.set_user_attr("run_id", out["run_id"])
             self.study.tell(spec.trial_id, out["value"])
         elif status == "pruned":
-            trial.set_user_attr("run_id", out["run_id"])
             self.study.tell(spec.trial_id, state=TrialState.PRUNED)
         elif status == "preempted" and int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
             self._submit(
@@ -297,21 +266,8 @@ class Driver:
         )
 
     def _close_parent(self, summary: SweepSummary) -> None:
-        if self.parent is None:
-            return
-        tags = {f"best.{k}": str(v) for k, v in summary.best_params.items()}
-        tags["best.trial"] = str(summary.best_trial)
-        self.parent.set_tags(tags)
-        metrics = {
-            "n_complete": summary.n_complete,
-            "n_pruned": summary.n_pruned,
-            "n_failed": summary.n_failed,
-        }
-        if summary.best_value is not None:
-            metrics["best_value"] = summary.best_value
-        self.parent.log_metrics(metrics, step=summary.n_trials)
-        self.parent.log_dict(summary.to_json(), "sweep_summary.json")
-        self.parent.finish("FINISHED")
+        if self.parent is not None:
+            close_parent(self.parent, summary)
 
 
 def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
@@ -327,3 +283,72 @@ def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
         return Driver(spec, view=view).run(launcher)
     finally:
         launcher.close()
+
+
+# -- shared by both engines (the Optuna driver and Ray Tune): run config, tags, parent run ------
+
+
+def trial_overrides(
+    spec: SweepFile,
+    number: int,
+    params: dict[str, Any],
+    *,
+    parent_run_id: str | None = None,
+    threads: int = 0,
+) -> list[str]:
+    """Trial ``number``'s run config: the base run, its name and folder, the sampled values."""
+    s = spec.sweep
+    return [
+        *spec.run,
+        f"name={s.name}-t{number:04d}",
+        f"stage={s.stage}",
+        f"run_dir={(spec.folder / 'runs').resolve()}",
+        "train.progress=false",
+        *([f"train.threads={threads}"] if threads else []),
+        *([f"tracker.parent_run_id={parent_run_id}"] if parent_run_id else []),
+        *s.overrides(params),
+    ]
+
+
+def trial_tags(study: str, number: int) -> dict[str, str]:
+    return {"wt.sweep": study, "optuna.study": study, "optuna.trial": str(number)}
+
+
+def open_parent(spec: SweepFile) -> tuple[Any, Any]:
+    """``(tracker, parent run)`` of the sweep (resumes the unfinished parent in its folder)."""
+    from windtunnel.cli import compose
+    from windtunnel.tracking import open_tracker
+
+    s = spec.sweep
+    base = compose(spec.run)
+    tracker = open_tracker(base.tracker)
+    parent = tracker.start_run(
+        run_dir=spec.folder / "parent",
+        name=f"sweep-{s.name}",
+        experiment=base.tracker.experiment,
+        params={"sweep": to_plain(spec)},
+        tags={
+            "wt.kind": "sweep",
+            "wt.stage": s.stage,
+            "wt.sweep": s.name,
+            "optuna.study": s.name,
+        },
+    )
+    return tracker, parent
+
+
+def close_parent(parent: Any, summary: SweepSummary) -> None:
+    """Record the best trial and the counts on the parent run and finish it."""
+    tags = {f"best.{k}": str(v) for k, v in summary.best_params.items()}
+    tags["best.trial"] = str(summary.best_trial)
+    parent.set_tags(tags)
+    metrics = {
+        "n_complete": summary.n_complete,
+        "n_pruned": summary.n_pruned,
+        "n_failed": summary.n_failed,
+    }
+    if summary.best_value is not None:
+        metrics["best_value"] = summary.best_value
+    parent.log_metrics(metrics, step=summary.n_trials)
+    parent.log_dict(summary.to_json(), "sweep_summary.json")
+    parent.finish("FINISHED")

@@ -279,8 +279,10 @@ def as_override(key: str, value: Any) -> str:
     """A sampled value as a Hydra override (floats keep full precision)."""
     if isinstance(value, float):
         return f"{key}={value!r}"
-    if isinstance(value, str):
-        return f"{key}='{value}'"
+    if isinstance(value, str) and not value.replace("_", "").replace("-", "").isalnum():
+        return f"{key}='{value}'"  # quoted unless a plain name (a config group option)
+    if isinstance(value, (list, tuple)):
+        return f"{key}=[{','.join(str(v) for v in value)}]"
     return f"{key}={value}"
 
 

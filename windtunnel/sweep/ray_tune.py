@@ -1,0 +1,352 @@
+"""The Ray Tune engine (``sweep.engine=ray``): a ``Tuner`` with ``OptunaSearch`` and ASHA.
+
+Same spec, same results as the Optuna driver: trial ``n`` trains ``<sweep>-t<NNNN>`` under
+``<folder>/runs``, as a nested MLflow run of the sweep's parent run, tagged ``wt.sweep``,
+``optuna.study`` and ``optuna.trial``; the best parameters land on the parent.
+
+* **Search**: ``OptunaSearch`` over ``distributions(sweep.space)`` with the spec's (seeded)
+  sampler; the grid sampler becomes ``points_to_evaluate``.
+* **Pruning**: ASHA, ``time_attr="tokens"``; grace period = ``pruner.min_resource`` (median:
+  ``n_warmup_evals``) evaluations of the base run, reduction factor ``pruner.reduction_factor``;
+  ``pruner.kind=none`` runs FIFO. Trials report ``{"objective", "tokens"}`` at every evaluation
+  of the stable phase; the final, decayed value comes last, without ``tokens`` (ASHA ignores it).
+* **Stopped by ASHA**: Ray's stop surfaces as ``SystemExit`` inside ``tune.report``; the trial
+  turns it into :class:`~windtunnel.engine.Pruned`, so the trainer finishes its run ``KILLED``
+  with ``wt.pruned=true``; the actor waits for that (:class:`_FinishOnStop`). Whatever still
+  lacks its end after ``fit()`` (a killed actor) is finished from the run's journal.
+* **Resume**: Tune's state lives in ``<folder>/ray/<sweep>``; rerunning an unfinished sweep
+  restores it (``Tuner.restore``): trials that were running restart and their trainer resumes
+  from its run-folder checkpoint and MLflow run. A finished sweep returns its saved summary
+  (``<folder>/ray_summary.json``) without starting Ray. Limitation: Ray Tune cannot extend a
+  finished experiment, so raising ``sweep.n_trials`` afterwards is refused (use a new name or
+  the ``optuna`` engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from windtunnel.sweep.driver import (
+    SweepSummary,
+    close_parent,
+    open_parent,
+    trial_overrides,
+    trial_tags,
+)
+from windtunnel.sweep.spec import SweepFile, distributions, grid_points, grid_size, make_sampler
+
+SUMMARY = "ray_summary.json"
+STOP_WAIT_S = 60.0
+"""How long a stopped trial's actor waits for the trial to finish its run."""
+UNBOUNDED_T = 10**15
+"""ASHA's max_t: trials end at their own budget (which sampled values may change)."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial that diverged (or otherwise did not finish): Tune records it as an error."""
+
+
+@dataclass
+class _Job:
+    """What every trial needs (shipped to the workers with ``tune.with_parameters``)."""
+
+    spec: SweepFile
+    parent_run_id: str | None
+    threads: int
+    conf_dir: str
+    cwd: str
+
+
+class _TrialName:
+    """Tune trial name and folder ``<sweep>-t<NNNN>`` (the experiment tag starts at 1)."""
+
+    def __init__(self, sweep: str) -> None:
+        self.sweep = sweep
+
+    def __call__(self, trial: Any) -> str:
+        return f"{self.sweep}-t{int(trial.experiment_tag.split('_')[0]) - 1:04d}"
+
+
+class _FinishOnStop:
+    """Mixin of the function trainable: when Tune stops a trial, wake its thread (``report``
+    raises ``SystemExit``) and wait until the trainer has finished its run, then clean up."""
+
+    def cleanup(self) -> None:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        thread = getattr(session, "training_thread", None)
+        if session is not None and session.training_started and thread and thread.is_alive():
+            session.stop_event.set()
+            session.continue_lock.release()
+            threading.Thread.join(thread, timeout=STOP_WAIT_S)
+        super().cleanup()  # type: ignore[misc]
+
+
+def _trainable(config: dict[str, Any], job: _Job) -> None:
+    from ray import tune
+
+    from windtunnel.cli import compose
+    from windtunnel.engine import Pruned
+    from windtunnel.sweep.trial import _objective
+    from windtunnel.train import train
+
+    os.environ.setdefault("WINDTUNNEL_CONF", job.conf_dir)
+    if os.path.isdir(job.cwd):  # Tune runs trials in its own folder: relative paths are ours
+        os.chdir(job.cwd)
+    s = job.spec.sweep
+    number = int(tune.get_context().get_trial_name().rsplit("-t", 1)[1])
+    params = {k: config[k] for k in s.space}
+    overrides = trial_overrides(
+        job.spec, number, params, parent_run_id=job.parent_run_id, threads=job.threads
+    )
+    cfg = compose(overrides)
+    cfg.tags = {**cfg.tags, **trial_tags(s.name, number)}
+
+    def on_eval(tokens: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(s.objective, math.nan)
+        if not math.isfinite(value):
+            return
+        try:
+            tune.report({"objective": float(value), "tokens": int(tokens)})
+        except SystemExit:  # Tune stopped the trial (ASHA): end the run as pruned
+            raise Pruned(f"ASHA: {s.objective}={value:.4f} at {tokens} tokens") from None
+
+    result = train(cfg, on_eval=on_eval, handle_signals=False)
+    if result.status == "pruned":
+        return
+    value = _objective(result, s.objective)
+    if result.status != "finished" or not math.isfinite(value):
+        raise TrialFailed(f"{result.status}: {result.failure or f'{s.objective}={value}'}")
+    final = {"objective": value, "final_tokens": result.tokens, "wt_status": "finished"}
+    with contextlib.suppress(SystemExit):  # the trial is over either way
+        tune.report({**final, "run_id": result.run_id})
+
+
+_trainable.__mixins__ = (_FinishOnStop,)  # type: ignore[attr-defined]
+
+
+# -- the driver side ------------------------------------------------------------------------------
+
+
+def _eval_tokens(spec: SweepFile) -> int:
+    """Tokens between two evaluations of the base run (ASHA's unit of grace)."""
+    from windtunnel.cli import compose
+    from windtunnel.config import resolve
+
+    cfg = compose(spec.run)
+    res = resolve(cfg, cfg.data.vocab_size or 256)
+    return res.eval_every_steps * res.tokens_per_step
+
+
+def _mode(spec: SweepFile) -> str:
+    return "min" if spec.sweep.direction == "minimize" else "max"
+
+
+def _scheduler(spec: SweepFile) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    p = spec.sweep.pruner
+    if p.kind == "none":
+        return FIFOScheduler()
+    evals = p.n_warmup_evals if p.kind == "median" else p.min_resource
+    return ASHAScheduler(
+        time_attr="tokens",
+        metric="objective",
+        mode=_mode(spec),
+        grace_period=max(1, evals) * _eval_tokens(spec),
+        reduction_factor=max(2, p.reduction_factor),
+        max_t=UNBOUNDED_T,
+    )
+
+
+def _start_ray(spec: SweepFile, cpus: int) -> bool:
+    """Start a private local Ray (or join ``launcher.address``); True if we started it."""
+    import logging
+
+    import ray
+
+    from windtunnel.launch.ray_launcher import RAY_ENV
+
+    for k, v in {**RAY_ENV, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return False
+    address = spec.launcher.address if spec.launcher.name == "ray" else None
+    kw: dict[str, Any] = {}
+    if not address or address == "local":
+        address = "local"
+        kw["num_cpus"] = spec.launcher.max_workers or spec.sweep.parallelism * cpus
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        **kw,
+    )
+    return True
+
+
+def run_ray_sweep(spec: SweepFile) -> SweepSummary:
+    """Run (or resume) the sweep with Ray Tune; see the module docstring."""
+    s = spec.sweep
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    saved = spec.folder / SUMMARY
+    grid = s.sampler.kind == "grid"
+    n_target = min(s.n_trials, grid_size(s.space)) if grid else s.n_trials
+    if saved.exists():
+        done = json.loads(saved.read_text())
+        if n_target > done["n_trials"]:
+            raise ValueError(
+                f"ray sweep {s.name!r} finished with {done['n_trials']} trials and Ray Tune cannot "
+                f"extend a finished experiment to {n_target}: use a new sweep.name or "
+                "sweep.engine=optuna"
+            )
+        done["failures"] = {int(k): v for k, v in done["failures"].items()}
+        return SweepSummary(**done)
+
+    from ray import tune
+
+    from windtunnel.cli import conf_dir
+
+    t0 = time.time()
+    cpus = spec.launcher.cpus_per_task or 1
+    resources: dict[str, float] = {"cpu": cpus}
+    if spec.launcher.gpus_per_task:
+        resources["gpu"] = spec.launcher.gpus_per_task
+    tracker, parent = open_parent(spec)
+    job = _Job(spec, parent.run_id, s.threads_per_trial or cpus, str(conf_dir()), os.getcwd())
+    trainable = tune.with_resources(tune.with_parameters(_trainable, job=job), resources)
+    storage = (spec.folder / "ray").resolve()
+    experiment = storage / s.name
+    owns_ray = _start_ray(spec, cpus)
+    try:
+        if tune.Tuner.can_restore(str(experiment)):
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=False)
+        else:
+            tuner = _new_tuner(spec, trainable, storage, n_target, grid)
+        with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables: stdout is ours
+            results = list(tuner.fit())
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    summary = _summarize(spec, results, tracker, parent, time.time() - t0)
+    close_parent(parent, summary)
+    saved.write_text(json.dumps(summary.to_json(), indent=1))
+    return summary
+
+
+def _new_tuner(spec: SweepFile, trainable: Any, storage: Path, n_target: int, grid: bool) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = spec.sweep
+    search = OptunaSearch(
+        space=distributions(s.space, grid=grid),
+        sampler=make_sampler(s),
+        points_to_evaluate=grid_points(s.space)[:n_target] if grid else None,
+        study_name=s.name,
+        metric="objective",
+        mode=_mode(spec),
+    )
+    namer = _TrialName(s.name)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=_scheduler(spec),
+            num_samples=n_target,
+            max_concurrent_trials=s.parallelism,
+            trial_name_creator=namer,
+            trial_dirname_creator=namer,
+        ),
+        run_config=tune.RunConfig(name=s.name, storage_path=str(storage), verbose=0),
+    )
+
+
+def _summarize(
+    spec: SweepFile, results: list[Any], tracker: Any, parent: Any, seconds: float
+) -> SweepSummary:
+    s = spec.sweep
+    complete: dict[int, tuple[float, dict[str, Any]]] = {}
+    failures: dict[int, str] = {}
+    n_pruned = 0
+    for r in results:
+        number = int(Path(r.path).name.rsplit("-t", 1)[1])
+        run_dir = (spec.folder / "runs" / f"{s.name}-t{number:04d}").resolve()
+        if r.error is not None:
+            failures[number] = _reason(r.error)
+            _close_trial_run(tracker, run_dir, "FAILED", failures[number], {})
+        elif (r.metrics or {}).get("wt_status") == "finished":
+            complete[number] = (float(r.metrics["objective"]), {k: r.config[k] for k in s.space})
+        else:
+            n_pruned += 1
+            last = (r.metrics or {}).get("tokens")
+            reason = f"pruned: ASHA stopped it at {last} tokens"
+            _close_trial_run(tracker, run_dir, "KILLED", reason, {"wt.pruned": "true"})
+    best = None
+    if complete:
+        pick = min if s.direction == "minimize" else max
+        best = pick(complete, key=lambda n: complete[n][0])
+    best_params = complete[best][1] if best is not None else {}
+    return SweepSummary(
+        study=s.name,
+        storage=f"ray:{(spec.folder / 'ray' / s.name).resolve()}",
+        n_trials=len(results),
+        n_complete=len(complete),
+        n_pruned=n_pruned,
+        n_failed=len(failures),
+        best_value=complete[best][0] if best is not None else None,
+        best_params=best_params,
+        best_trial=best,
+        best_overrides=s.overrides(best_params),
+        parent_run_id=parent.run_id,
+        tracking_uri=tracker.tracking_uri,
+        folder=str(spec.folder),
+        seconds=seconds,
+        failures=dict(sorted(failures.items())),
+    )
+
+
+def _reason(error: Any) -> str:
+    """The trial's own exception message, not Ray's wrapping traceback."""
+    cause = error
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(cause).__name__
+    return text.split("TrialFailed: ", 1)[-1]
+
+
+def _close_trial_run(
+    tracker: Any, run_dir: Path, status: str, reason: str, tags: dict[str, str]
+) -> None:
+    """Give a trial's run its end if its process could not (actor killed): resume it from its
+    journal and finish it; a run that has its end is only delivered (if the server lacks it)."""
+    from windtunnel.tracking.journal import JOURNAL_NAME, read_state
+
+    journal = run_dir / JOURNAL_NAME
+    if not journal.exists():
+        return
+    state = read_state(journal)
+    if state.finish is None:
+        run = tracker.start_run(run_dir=run_dir, name=run_dir.name, params={}, tags=tags)
+        run.set_tags({"wt.failure_reason": reason[:5000]} if status == "FAILED" else tags)
+        run.finish(status, error=reason)
+    elif tracker.tracking_uri:
+        from windtunnel.tracking import replay_journal
+
+        replay_journal(journal, tracker.tracking_uri)

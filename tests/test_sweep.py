@@ -208,3 +208,24 @@ def test_driver_killed_mid_sweep_continues_without_duplicates(tmp_path: Path) ->
     trials = _study(spec).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert len({json.dumps(t.params) for t in trials}) == 4
+
+
+def test_optuna_dashboard_reads_the_study(tmp_path: Path) -> None:
+    """The sweep's journal storage is what `optuna-dashboard <journal>` serves."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    from windtunnel.sweep.driver import storage_url
+
+    spec = _spec(tmp_path, "sweep.n_trials=2", "sweep.sampler.kind=random", "sweep.pruner.kind=none")
+    run_sweep(spec)
+    app = wsgi(open_storage(storage_url(spec)))
+    env: dict = {"PATH_INFO": "/api/studies", "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(env)
+    status: list[str] = []
+    body = b"".join(app(env, lambda s, h, *a: status.append(s)))
+    assert status[0].startswith("200")
+    studies = json.loads(body)["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["smoke"]

@@ -55,6 +55,8 @@ class SweepSummary:
     folder: str
     seconds: float = 0.0
     failures: dict[int, str] = field(default_factory=dict)
+    review: str = ""
+    """How to look at the study: the optuna-dashboard command for its storage."""
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -263,6 +265,7 @@ class Driver:
             folder=str(self.spec.folder),
             seconds=seconds,
             failures=failures,
+            review=f"optuna-dashboard {self.url.removeprefix('journal:')}",
         )
 
     def _close_parent(self, summary: SweepSummary) -> None:

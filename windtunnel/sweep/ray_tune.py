@@ -11,9 +11,15 @@ Same spec, same results as the Optuna driver: trial ``n`` trains ``<sweep>-t<NNN
   ``pruner.kind=none`` runs FIFO. Trials report ``{"objective", "tokens"}`` at every evaluation
   of the stable phase; the final, decayed value comes last, without ``tokens`` (ASHA ignores it).
 * **Stopped by ASHA**: Ray's stop surfaces as ``SystemExit`` inside ``tune.report``; the trial
-  turns it into :class:`~windtunnel.engine.Pruned`, so the trainer finishes its run ``KILLED``
-  with ``wt.pruned=true``; the actor waits for that (:class:`_FinishOnStop`). Whatever still
-  lacks its end after ``fit()`` (a killed actor) is finished from the run's journal.
+  turns it into :class:`~windtunnel.engine.Preempted` (checkpoint, run left open) and the actor
+  waits for that (:class:`_FinishOnStop`). Tune also stops trials when the driver is
+  interrupted, and those must resume; so only after ``fit()`` are the trials that ASHA stopped
+  finished ``KILLED`` with ``wt.pruned=true``, from their run journals (so are the runs of
+  trials whose actor died: ``FAILED`` with the reason).
+* **Where**: a private local Ray (``address="local"``, ``parallelism × cpus`` CPUs), or the
+  cluster at ``launcher.address`` with ``launcher=ray``; Ray already running in this process is
+  used as is. Each trial asks for ``launcher.cpus_per_task`` CPUs (default 1) and
+  ``gpus_per_task`` GPUs; actors are reused between trials (no process start, no imports).
 * **Resume**: Tune's state lives in ``<folder>/ray/<sweep>``; rerunning an unfinished sweep
   restores it (``Tuner.restore``): trials that were running restart and their trainer resumes
   from its run-folder checkpoint and MLflow run. A finished sweep returns its saved summary
@@ -25,6 +31,7 @@ Same spec, same results as the Optuna driver: trial ``n`` trains ``<sweep>-t<NNN
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from windtunnel.launch.ray_launcher import RAY_ENV
 from windtunnel.sweep.driver import (
     SweepSummary,
     close_parent,
@@ -44,7 +52,14 @@ from windtunnel.sweep.driver import (
 )
 from windtunnel.sweep.spec import SweepFile, distributions, grid_points, grid_size, make_sampler
 
+for _k, _v in RAY_ENV.items():  # before Ray is imported: loopback, no auth token
+    os.environ.setdefault(_k, _v)
+
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
 SUMMARY = "ray_summary.json"
+STOPPED = "asha_stopped.txt"
+"""Trials ASHA stopped (one name a line, in the Tune folder): pruned, not interrupted."""
 STOP_WAIT_S = 60.0
 """How long a stopped trial's actor waits for the trial to finish its run."""
 UNBOUNDED_T = 10**15
@@ -76,27 +91,53 @@ class _TrialName:
         return f"{self.sweep}-t{int(trial.experiment_tag.split('_')[0]) - 1:04d}"
 
 
+class _Asha(ASHAScheduler):
+    """ASHA that records whom it stops: Tune stops trials also when interrupted."""
+
+    def __init__(self, record: Path, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.record = record
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.record, "a") as f:
+                f.write(f"{trial}\n")
+        return action
+
+
 class _FinishOnStop:
     """Mixin of the function trainable: when Tune stops a trial, wake its thread (``report``
     raises ``SystemExit``) and wait until the trainer has finished its run, then clean up."""
 
-    def cleanup(self) -> None:
+    def _let_trial_finish(self) -> None:
         from ray.train._internal.session import get_session
 
         session = get_session()
         thread = getattr(session, "training_thread", None)
-        if session is not None and session.training_started and thread and thread.is_alive():
-            session.stop_event.set()
+        if session is None or not session.training_started or thread is None:
+            return
+        deadline = time.monotonic() + STOP_WAIT_S
+        while thread.is_alive() and time.monotonic() < deadline:
+            session.stop_event.set()  # the thread's next report() exits
             session.continue_lock.release()
-            threading.Thread.join(thread, timeout=STOP_WAIT_S)
+            threading.Thread.join(thread, timeout=1.0)
+
+    def cleanup(self) -> None:
+        self._let_trial_finish()
         super().cleanup()  # type: ignore[misc]
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._let_trial_finish()  # a reused actor: same as a stop, then the next trial
+        return super().reset_config(new_config)  # type: ignore[misc]
 
 
 def _trainable(config: dict[str, Any], job: _Job) -> None:
     from ray import tune
 
     from windtunnel.cli import compose
-    from windtunnel.engine import Pruned
+    from windtunnel.engine import Preempted
     from windtunnel.sweep.trial import _objective
     from windtunnel.train import train
 
@@ -118,18 +159,17 @@ def _trainable(config: dict[str, Any], job: _Job) -> None:
             return
         try:
             tune.report({"objective": float(value), "tokens": int(tokens)})
-        except SystemExit:  # Tune stopped the trial (ASHA): end the run as pruned
-            raise Pruned(f"ASHA: {s.objective}={value:.4f} at {tokens} tokens") from None
+        except SystemExit:  # Tune stops the trial (ASHA, or the driver is interrupted)
+            raise Preempted(f"stopped by Ray Tune at {tokens} tokens") from None
 
     result = train(cfg, on_eval=on_eval, handle_signals=False)
-    if result.status == "pruned":
-        return
+    if result.status in ("preempted", "pruned"):
+        raise SystemExit(0)  # Tune stopped it (the driver knows why): end as Ray expects
     value = _objective(result, s.objective)
     if result.status != "finished" or not math.isfinite(value):
         raise TrialFailed(f"{result.status}: {result.failure or f'{s.objective}={value}'}")
     final = {"objective": value, "final_tokens": result.tokens, "wt_status": "finished"}
-    with contextlib.suppress(SystemExit):  # the trial is over either way
-        tune.report({**final, "run_id": result.run_id})
+    tune.report({**final, "run_id": result.run_id})
 
 
 _trainable.__mixins__ = (_FinishOnStop,)  # type: ignore[attr-defined]
@@ -152,14 +192,15 @@ def _mode(spec: SweepFile) -> str:
     return "min" if spec.sweep.direction == "minimize" else "max"
 
 
-def _scheduler(spec: SweepFile) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(spec: SweepFile, record: Path) -> Any:
+    from ray.tune.schedulers import FIFOScheduler
 
     p = spec.sweep.pruner
     if p.kind == "none":
         return FIFOScheduler()
     evals = p.n_warmup_evals if p.kind == "median" else p.min_resource
-    return ASHAScheduler(
+    return _Asha(
+        record,
         time_attr="tokens",
         metric="objective",
         mode=_mode(spec),
@@ -175,10 +216,6 @@ def _start_ray(spec: SweepFile, cpus: int) -> bool:
 
     import ray
 
-    from windtunnel.launch.ray_launcher import RAY_ENV
-
-    for k, v in {**RAY_ENV, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}.items():
-        os.environ.setdefault(k, v)
     if ray.is_initialized():
         return False
     address = spec.launcher.address if spec.launcher.name == "ray" else None
@@ -199,6 +236,12 @@ def _start_ray(spec: SweepFile, cpus: int) -> bool:
 def run_ray_sweep(spec: SweepFile) -> SweepSummary:
     """Run (or resume) the sweep with Ray Tune; see the module docstring."""
     s = spec.sweep
+    if spec.launcher.name not in ("local", "inline", "ray"):
+        raise ValueError(
+            f"sweep.engine=ray runs on a local Ray or a Ray cluster, not launcher="
+            f"{spec.launcher.name}: use launcher=ray launcher.address=<head:port> (e.g. a Ray "
+            "cluster started inside a SLURM allocation) or sweep.engine=optuna"
+        )
     spec.folder.mkdir(parents=True, exist_ok=True)
     saved = spec.folder / SUMMARY
     grid = s.sampler.kind == "grid"
@@ -212,7 +255,8 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
                 "sweep.engine=optuna"
             )
         done["failures"] = {int(k): v for k, v in done["failures"].items()}
-        return SweepSummary(**done)
+        known = {f.name for f in dataclasses.fields(SweepSummary)}
+        return SweepSummary(**{k: v for k, v in done.items() if k in known})
 
     from ray import tune
 
@@ -235,13 +279,16 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
         else:
             tuner = _new_tuner(spec, trainable, storage, n_target, grid)
         with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables: stdout is ours
-            results = list(tuner.fit())
+            fitted = tuner.fit()
     finally:
         if owns_ray:
             import ray
 
             ray.shutdown()
+    results = list(fitted)
     summary = _summarize(spec, results, tracker, parent, time.time() - t0)
+    if summary.n_trials < n_target:
+        raise RuntimeError(_INTERRUPTED.format(s.name, summary.n_trials, n_target))
     close_parent(parent, summary)
     saved.write_text(json.dumps(summary.to_json(), indent=1))
     return summary
@@ -267,11 +314,12 @@ def _new_tuner(spec: SweepFile, trainable: Any, storage: Path, n_target: int, gr
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=search,
-            scheduler=_scheduler(spec),
+            scheduler=_scheduler(spec, storage / s.name / STOPPED),
             num_samples=n_target,
             max_concurrent_trials=s.parallelism,
             trial_name_creator=namer,
             trial_dirname_creator=namer,
+            reuse_actors=True,  # saves a process start and the imports per trial
         ),
         run_config=tune.RunConfig(name=s.name, storage_path=str(storage), verbose=0),
     )
@@ -284,6 +332,8 @@ def _summarize(
     complete: dict[int, tuple[float, dict[str, Any]]] = {}
     failures: dict[int, str] = {}
     n_pruned = 0
+    record = spec.folder / "ray" / s.name / STOPPED
+    stopped = set(record.read_text().split()) if record.exists() else set()
     for r in results:
         number = int(Path(r.path).name.rsplit("-t", 1)[1])
         run_dir = (spec.folder / "runs" / f"{s.name}-t{number:04d}").resolve()
@@ -292,6 +342,8 @@ def _summarize(
             _close_trial_run(tracker, run_dir, "FAILED", failures[number], {})
         elif (r.metrics or {}).get("wt_status") == "finished":
             complete[number] = (float(r.metrics["objective"]), {k: r.config[k] for k in s.space})
+        elif f"{s.name}-t{number:04d}" not in stopped:  # stopped by an interrupt
+            raise RuntimeError(_INTERRUPTED.format(s.name, len(complete), len(results)))
         else:
             n_pruned += 1
             last = (r.metrics or {}).get("tokens")
@@ -318,7 +370,23 @@ def _summarize(
         folder=str(spec.folder),
         seconds=seconds,
         failures=dict(sorted(failures.items())),
+        review=_review(spec, tracker, parent),
     )
+
+
+_INTERRUPTED = (
+    "ray sweep {!r} was interrupted with {} of {} trials done: rerun the same command to resume"
+)
+
+
+def _review(spec: SweepFile, tracker: Any, parent: Any) -> str:
+    """Where to look at the results: the MLflow charts, else Tune's own results."""
+    if tracker.tracking_uri and getattr(parent, "experiment_id", None):
+        from windtunnel.tracking import mlflow_ui_url
+
+        return mlflow_ui_url(tracker.tracking_uri, parent.experiment_id)
+    experiment = (spec.folder / "ray" / spec.sweep.name).resolve()
+    return f"tune.ExperimentAnalysis('{experiment}').dataframe()  # from ray import tune"
 
 
 def _reason(error: Any) -> str:
@@ -334,8 +402,8 @@ def _reason(error: Any) -> str:
 def _close_trial_run(
     tracker: Any, run_dir: Path, status: str, reason: str, tags: dict[str, str]
 ) -> None:
-    """Give a trial's run its end if its process could not (actor killed): resume it from its
-    journal and finish it; a run that has its end is only delivered (if the server lacks it)."""
+    """End a trial's run that its process left open (stopped by ASHA, or its actor died):
+    resume it from its journal and finish it; a finished run is only delivered if need be."""
     from windtunnel.tracking.journal import JOURNAL_NAME, read_state
 
     journal = run_dir / JOURNAL_NAME

@@ -331,9 +331,15 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train to the result; one process per run folder (a second one waits, then reuses)."""
+        from windtunnel.launch.checkpoint import stop_on_preempt
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.dir / "run.lock"):
+        # under a requeueable SLURM job, preemption stops at the next step boundary (checkpointed)
+        with _exclusive(self.dir / "run.lock"), stop_on_preempt(self._request_stop):
             return self._run_locked()
+
+    def _request_stop(self) -> None:
+        self.engine.stop_requested = True
 
     def _run_locked(self) -> TrainResult:
         done = self.dir / "result.json"

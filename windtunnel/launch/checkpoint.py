@@ -9,13 +9,23 @@ returns the same call as a ``DelayedSubmission``; submitit pickles it, requeues 
 A trial can also save at the moment of preemption: :func:`on_preempt` registers a callback that
 runs when the signal arrives (inside the signal handler, so it must only write the last consistent
 state, not wait on the training step in progress).
+
+A trial that can stop cleanly registers a *stopper* with :func:`stop_on_preempt` (the trainer
+does: it sets ``engine.stop_requested``). While one is registered, SIGUSR2 does not end the process
+at an arbitrary bytecode (submitit's handler exits from inside the signal handler, which could tear
+a metric log from its bookkeeping and duplicate the point on resume): the stopper is called, the
+call checkpoints at its next safe point and returns, and only then is the job requeued. If it has
+not returned within ``STOP_GRACE_S`` the job is requeued at once, as without a stopper.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -23,7 +33,22 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 log = logging.getLogger(__name__)
 
 _callbacks: list[Callable[[], Any]] = []
+_stoppers: list[Callable[[], Any]] = []
 _preempted = False
+STOP_GRACE_S = 10.0
+"""Seconds a stopped call has to return before the job is requeued regardless."""
+
+
+@contextmanager
+def stop_on_preempt(stopper: Callable[[], Any]) -> Iterator[None]:
+    """While inside, a preemption calls ``stopper()`` (in the signal handler: it must only set a
+    flag) and the job is requeued once the wrapped call has returned."""
+    _stoppers.append(stopper)
+    try:
+        yield
+    finally:
+        if stopper in _stoppers:
+            _stoppers.remove(stopper)
 
 
 def on_preempt(callback: Callable[[], Any]) -> Callable[[], Any]:
@@ -67,7 +92,36 @@ class Requeueable(Checkpointable):
         self.fn = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        if not callable(requeue) or threading.current_thread() is not threading.main_thread():
+            return self.fn(*args, **kwargs)
+        pending: list[int] = []
+
+        def deferred(signum: int, frame: Any) -> None:
+            if not _stoppers or pending:  # nothing can stop cleanly (or a second signal)
+                requeue(signum, frame)
+                return
+            pending.append(signum)
+            log.warning("preempted: stopping at the next safe point, then requeueing")
+            for stop in list(_stoppers):
+                stop()
+            signal.signal(signal.SIGALRM, too_slow)
+            signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
+
+        def too_slow(*_: Any) -> None:  # no safe point in time: requeue now (exits)
+            signum = pending.pop()
+            requeue(signum, None)
+
+        old_alarm = signal.getsignal(signal.SIGALRM)
+        signal.signal(signal.SIGUSR2, deferred)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_alarm)
+            signal.signal(signal.SIGUSR2, requeue)
+            if pending:  # stopped cleanly: now checkpoint the call and requeue (exits)
+                requeue(pending[0], None)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         run_preempt_callbacks()

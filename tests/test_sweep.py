@@ -219,7 +219,9 @@ def test_optuna_dashboard_reads_the_study(tmp_path: Path) -> None:
 
     from windtunnel.sweep.driver import storage_url
 
-    spec = _spec(tmp_path, "sweep.n_trials=2", "sweep.sampler.kind=random", "sweep.pruner.kind=none")
+    spec = _spec(
+        tmp_path, "sweep.n_trials=2", "sweep.sampler.kind=random", "sweep.pruner.kind=none"
+    )
     run_sweep(spec)
     app = wsgi(open_storage(storage_url(spec)))
     env: dict = {"PATH_INFO": "/api/studies", "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}

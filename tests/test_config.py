@@ -15,6 +15,12 @@ GROUPS = config_groups()
     "override", [f"{g}={o}" for g, opts in GROUPS.items() for o in opts], ids=str
 )
 def test_every_config_composes_and_resolves(override: str) -> None:
+    if override.startswith("launcher="):  # launchers belong to sweep specs, not to a run
+        from windtunnel.sweep import load_sweep
+
+        spec = load_sweep(REPO / "sweeps" / "smoke.yaml", [override])
+        assert spec.launcher.name == override.split("=")[1]
+        return
     cfg = compose([override])
     assert isinstance(cfg, RunConfig)
     res = resolve(cfg, vocab_size=1024)

@@ -19,7 +19,7 @@ install: ## create .venv and install windtunnel (CPU torch where there is no CUD
 demo: install ## set up, prepare the embedded corpus and train a proxy with WSD decay branches
 	$(WT) prepare
 	$(WT) train experiment=smoke
-	@echo "Open the MLflow dashboard at http://127.0.0.1:5055 (experiment 'windtunnel')."
+	@echo "Loss curves: the MLflow dashboard at http://127.0.0.1:5055 (experiment 'windtunnel'; the charts URL is printed above)."
 
 test: install ## set up and run every test (lint, unit, integration with real services)
 	$(VENV)/bin/ruff check windtunnel tests

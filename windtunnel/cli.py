@@ -112,9 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     result = train(cfg, handle_signals=True)
     if result.status == "finished":
-        print(
-            f"MLflow: {result.tracking_uri or '(no server: tracker has no URI)'}", file=sys.stderr
-        )
+        where = result.dashboard or result.tracking_uri or f"the journal in {result.run_dir}"
+        print(f"loss curves: {where}", file=sys.stderr)
     else:
         print(f"run {result.status}: {result.failure}", file=sys.stderr)
     emit(result.to_json())

@@ -210,7 +210,7 @@ class Driver:
                     launcher,
                     spec.trial_id,
                     number,
-                    self.study._storage.get_trial(spec.trial_id).params,
+                    trial.params,
                 )
                 return
             self._fail(trial, f"job failed: {reason}")
@@ -223,9 +223,7 @@ class Driver:
         elif status == "pruned":
             self.study.tell(spec.trial_id, state=TrialState.PRUNED)
         elif status == "preempted" and int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
-            self._submit(
-                launcher, spec.trial_id, number, self.study._storage.get_trial(spec.trial_id).params
-            )
+            self._submit(launcher, spec.trial_id, number, trial.params)
         else:
             self._fail(trial, f"{status}: {out.get('failure')}")
 

@@ -230,9 +230,6 @@ class RunConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
-CONFIG_GROUPS = ("model", "data", "optim", "schedule", "train", "tracker", "experiment")
-
-
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore

@@ -60,8 +60,3 @@ def flops_per_token(s: Shape, seq_len: int) -> int:
     head = 6 * s.vocab_size * s.d_model
     attn = 6 * s.n_layers * seq_len * s.n_heads * s.d_head
     return 6 * matrix_params(s) + head + attn
-
-
-def forward_flops_per_token(s: Shape, seq_len: int) -> int:
-    """Inference (forward-only) FLOPs per token: a third of the training count."""
-    return flops_per_token(s, seq_len) // 3

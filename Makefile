@@ -16,10 +16,9 @@ help: ## list the targets
 install: ## create .venv and install windtunnel (CPU torch where there is no CUDA)
 	@bash scripts/install.sh
 
-demo: install ## set up, prepare the embedded corpus and train a proxy with WSD decay branches
+demo: install ## set up and run the CPU wind tunnel (tunnels/demo.yaml): search, laws, plan, report
 	$(WT) prepare
-	$(WT) train experiment=smoke
-	@echo "Loss curves: the MLflow dashboard at http://127.0.0.1:5055 (experiment 'windtunnel'; the charts URL is printed above)."
+	$(WT) tunnel experiment=demo
 
 test: install ## set up and run every test (lint, unit, integration with real services)
 	$(VENV)/bin/ruff check windtunnel tests

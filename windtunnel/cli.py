@@ -223,6 +223,58 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tunnel_args(overrides: list[str]) -> tuple[str, list[str]]:
+    """``experiment=NAME`` picks ``tunnels/NAME.yaml`` (default: the demo); the rest override."""
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    return (names[-1] if names else "demo"), [
+        o for o in overrides if not o.startswith("experiment=")
+    ]
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    from windtunnel.tunnel import TunnelError, dry_run, load_tunnel, print_status, run_tunnel
+
+    experiment, overrides = _tunnel_args(args.overrides)
+    tf = load_tunnel(experiment, overrides)
+    if args.dry_run:
+        plan = dry_run(tf)
+        print(plan.table(), file=sys.stderr)
+        emit(plan.to_json())
+        return 0
+    try:
+        summary = run_tunnel(tf, only=args.stage)
+    except TunnelError as e:
+        print(f"windtunnel tunnel: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print_status(summary)
+    if summary.get("report"):
+        print(f"report: {summary['report'].get('html')}", file=sys.stderr)
+    if summary.get("dashboard"):
+        print(f"MLflow (tunnel run, report attached): {summary['dashboard']}", file=sys.stderr)
+    if summary.get("charts"):
+        print(f"MLflow loss charts of the ladder: {summary['charts']}", file=sys.stderr)
+    emit(summary)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from windtunnel.tunnel import list_tunnels, load_tunnel, print_status, status
+
+    experiment, overrides = _tunnel_args(args.overrides)
+    if not any(o.startswith("experiment=") for o in args.overrides):
+        tunnels = list_tunnels(overrides)
+        if len(tunnels) != 1:
+            for t in tunnels:
+                print_status(t)
+            emit({"tunnels": tunnels})
+            return 0
+        experiment = tunnels[0]["tunnel"]
+    summary = status(load_tunnel(experiment, overrides))
+    print_status(summary)
+    emit(summary)
+    return 0
+
+
 DELEGATED = {
     "fit": ("windtunnel.scaling.cli:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
     "plan": (
@@ -298,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--path", default=".windtunnel/runs", help="a journal.jsonl or a folder of runs")
     r.add_argument("--tracking-uri", default="", help="default: the local server of tracker config")
     add("server", cmd_server, "start, stop or show the local MLflow server", "action")
+    t = add(
+        "tunnel",
+        cmd_tunnel,
+        "run or resume a whole wind tunnel: windtunnel tunnel experiment=demo "
+        "[launcher=slurm tunnel.ladder.set=[...] ...]; tunnels/*.yaml lists them",
+    )
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (trials, jobs, tokens, GPU-hours); run nothing",
+    )
+    t.add_argument(
+        "--stage", nargs="+", default=None, help="run only these stages (e.g. --stage fit plan)"
+    )
+    add("status", cmd_status, "where a tunnel stands: windtunnel status [experiment=demo]")
     for name, (_, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p

@@ -146,6 +146,8 @@ class Plan:
     gpu_hours: float
     target: str
     notes: list[str] = field(default_factory=list)
+    mup: dict[str, float] = field(default_factory=dict)
+    """μP hyperparameters found by the search (``scale_emb``, ``init_std``, ``scale_depth``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -171,6 +173,7 @@ class Plan:
                 "tie_embeddings": True,
                 "mup": True,
                 "dim_model_base": DIM_MODEL_BASE,
+                **self.mup,
             },
             "data": {"seq_len": self.seq_len},
             "optim": {"lr": self.lr, "batch_size": self.batch_size},
@@ -239,6 +242,7 @@ def make_plan(
     lr: float | None = None,
     batch_law: dict[str, float] | None = None,
     name: str | None = None,
+    mup: dict[str, float] | None = None,
 ) -> Plan:
     """Plan the full run from a loaded fit file (see :func:`load_fit_file`)."""
     given = [x is not None for x in (budget_flops, params, tokens)]
@@ -309,4 +313,5 @@ def make_plan(
         gpu_hours=C_exact / (peak * mfu) / 3600.0,
         target=str(fit["fit"].get("target", "loss")),
         notes=notes,
+        mup={k: float(v) for k, v in (mup or {}).items()},
     )

@@ -110,7 +110,10 @@ class Driver:
 
     def _enqueue_grid(self) -> None:
         """Queue the grid points the study has not seen yet (so a resumed grid continues)."""
-        seen = [t.params for t in self.study.get_trials(deepcopy=False)]
+        seen = [  # a queued (WAITING) trial keeps its point in system_attrs, not params
+            t.params or t.system_attrs.get("fixed_params", {})
+            for t in self.study.get_trials(deepcopy=False)
+        ]
         for point in grid_points(self.s.space)[: self.n_target]:
             if point not in seen:
                 self.study.enqueue_trial(point)

@@ -165,19 +165,14 @@ def register_sweep_configs() -> None:
     cs.store(group="launcher", name="launcher_schema", node=LauncherConfig)
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
-    """Compose a sweep spec file with overrides.
+def split_overrides(overrides: list[str] | None, own: tuple[str, ...]) -> tuple[list, list]:
+    """``(overrides of the spec file itself, the rest)``: a spec's own keys are ``own``."""
+    mine = [o for o in overrides or [] if o.lstrip("+~").split("=")[0].split(".")[0] in own]
+    return mine, [o for o in overrides or [] if o not in mine]
 
-    Overrides of the spec itself (``sweep.n_trials=64``, ``launcher=slurm``,
-    ``launcher.partition=gpu``) apply to the spec; every other override (``model=micro_s``,
-    ``tracker=jsonl``) is appended to the base run of every trial.
-    """
-    own = [
-        o
-        for o in overrides or []
-        if o.lstrip("+~").split("=")[0].split(".")[0] in ("sweep", "launcher", "hydra")
-    ]
-    to_run = [o for o in overrides or [] if o not in own]
+
+def compose_spec_file(path: Path, schema: type, overrides: list[str], what: str) -> Any:
+    """Compose a spec file (with ``conf/`` on Hydra's search path) into a ``schema`` object."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -186,23 +181,45 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
 
     from windtunnel.cli import conf_dir
 
-    path = Path(path)
-    if not path.exists() and (Path("sweeps") / f"{path}.yaml").exists():
-        path = Path("sweeps") / f"{path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"no sweep spec at {path}; the ready ones are in sweeps/*.yaml")
     register_sweep_configs()
     GlobalHydra.instance().clear()
     search = f"hydra.searchpath=[file://{conf_dir()}]"
     try:
         with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
-            cfg = compose(path.stem, overrides=[search, *own])
-        schema = OmegaConf.structured(SweepFile)
-        merged = OmegaConf.merge(schema, {k: v for k, v in cfg.items() if k != "hydra"})
-        spec = OmegaConf.to_object(merged)
+            cfg = compose(path.stem, overrides=[search, *overrides])
+        merged = OmegaConf.merge(
+            OmegaConf.structured(schema), {k: v for k, v in cfg.items() if k != "hydra"}
+        )
+        obj = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ValueError(f"bad sweep spec or override: {e}") from None
-    assert isinstance(spec, SweepFile)
+        raise ValueError(f"bad {what} or override: {e}") from None
+    assert isinstance(obj, schema)
+    return obj
+
+
+def find_spec_file(path: str | Path, folder: str) -> Path:
+    """``path`` itself, or ``<folder>/<path>.yaml`` for a bare name."""
+    from windtunnel.cli import conf_dir
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    for root in (Path(folder), Path(conf_dir()).parent / folder):  # here, then the repo's
+        if (root / f"{p}.yaml").is_file():
+            return root / f"{p}.yaml"
+    ready = sorted(x.stem for x in (Path(conf_dir()).parent / folder).glob("*.yaml"))
+    raise ValueError(f"no spec at {p}; the ready ones in {folder}/: {', '.join(ready)}")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
+    """Compose a sweep spec file with overrides.
+
+    Overrides of the spec itself (``sweep.n_trials=64``, ``launcher=slurm``,
+    ``launcher.partition=gpu``) apply to the spec; every other override (``model=micro_s``,
+    ``tracker=jsonl``) is appended to the base run of every trial.
+    """
+    own, to_run = split_overrides(overrides, ("sweep", "launcher", "hydra"))
+    spec = compose_spec_file(find_spec_file(path, "sweeps"), SweepFile, own, "sweep spec")
     spec.run = [*spec.run, *to_run]
     spec.validate()
     return spec

@@ -1,0 +1,259 @@
+"""Whole tunnels: stages chained end to end against real MLflow, killed and resumed, reported,
+reviewed in a real browser; the paper-scale dry run; clear errors for bad specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from helpers import tiny_overrides
+
+from windtunnel.cli import main
+from windtunnel.tunnel import STAGES, dry_run, load_tunnel
+from windtunnel.tunnel.runner import load_state
+
+pytest_plugins = ["fixtures_mlflow"]
+
+TINY = """
+defaults:
+  - tunnel_schema
+  - launcher: local
+  - _self_
+tunnel:
+  name: {name}
+  dir: {dir}
+  run: [train.tokens_per_param=4, train.eval_every_tokens=1024]
+  mup_search:
+    sweep: mup_search
+    set: [model=micro_xxxs, sweep.n_trials=3, sweep.sampler.n_startup_trials=2, sweep.pruner.kind=none]
+  lr_transfer:
+    sweep: lr_transfer
+    lr_factors: [0.5, 1.0, 2.0]
+    set: ["sweep.space.width.choices=[micro_xxxs,micro_xxs]"]
+  batch_size:
+    sweep: batch_size
+    set: ["sweep.space.size.choices=[micro_xxxs]", "sweep.space.batch.choices=[4,8,16]"]
+  ladder:
+    sweep: ladder
+    set: ["sweep.space.size.choices=[micro_xxxs,micro_xxs,micro_xs,micro_s]", "train.branch_tokens_per_param=[1,2]"]
+  fit: {{bootstrap: 20}}
+  plan: {{budget_flops: 1.0e20}}
+"""
+
+
+def _tiny_spec(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, dir=tmp / "tunnels"))
+    return path
+
+
+def _run_overrides(tmp: Path, srv) -> list[str]:
+    base = [o for o in tiny_overrides(tmp) if not o.startswith(("tracker=", "model=", "run_dir="))]
+    return [*base, "tracker=mlflow", f"tracker.home={srv.home}", f"tracker.port={srv.port}"]
+
+
+@pytest.fixture(scope="module")
+def tunnel_run(tmp_path_factory, mlflow_server):
+    """A tiny tunnel whose driver is SIGKILLed during the ladder, then rerun to the end."""
+    tmp = tmp_path_factory.mktemp("tunnel")
+    spec = _tiny_spec(tmp, "tiny")
+    cmd = [
+        sys.executable,
+        "-m",
+        "windtunnel",
+        "tunnel",
+        f"experiment={spec}",
+        *_run_overrides(tmp, mlflow_server),
+    ]
+    env = {**os.environ, "WINDTUNNEL_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp / "tunnels" / "tiny"
+    deadline = time.monotonic() + 300
+    killed_in = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (folder / "state.json").is_file():
+            state = load_state(folder / "state.json")
+            runs = folder / "sweeps" / "ladder" / "runs"
+            if state["stages"].get("ladder", {}).get("status") == "running" and any(
+                runs.glob("*/result.json")
+            ):
+                killed_in = "ladder"
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.kill()
+    proc.communicate()
+    finished_before = {p: p.stat().st_mtime_ns for p in runs.glob("*/result.json")}
+    t0 = time.monotonic()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    return {
+        "tmp": tmp,
+        "spec": spec,
+        "cmd": cmd,
+        "env": env,
+        "folder": folder,
+        "killed_in": killed_in,
+        "finished_before": finished_before,
+        "rerun_stderr": rerun.stderr,
+        "rerun_seconds": time.monotonic() - t0,
+        "summary": json.loads(rerun.stdout.strip().splitlines()[-1]),
+        "srv": mlflow_server,
+    }
+
+
+def test_killed_tunnel_resumes_and_finishes_every_stage(tunnel_run) -> None:
+    r = tunnel_run
+    assert r["killed_in"] == "ladder"
+    assert r["summary"]["done"] and [s["status"] for s in r["summary"]["stages"]] == ["done"] * 7
+    err = r["rerun_stderr"]
+    for stage in ("mup_search", "lr_transfer", "batch_size"):
+        assert f"{stage}: done before, skipped" in err
+    # the ladder's finished trials were kept, not retrained
+    for path, mtime in r["finished_before"].items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was retrained"
+    state = load_state(r["folder"] / "state.json")
+    ladder = state["stages"]["ladder"]["result"]
+    numbers = sorted(t["number"] for t in ladder["trials"])
+    assert numbers == [0, 1, 2, 3] and all(t["state"] == "COMPLETE" for t in ladder["trials"])
+    assert len(ladder["points"]) == 8  # 4 sizes × 2 decay branches
+
+
+def test_stages_feed_each_other(tunnel_run) -> None:
+    state = load_state(tunnel_run["folder"] / "state.json")
+    st = {k: v["result"] for k, v in state["stages"].items()}
+    best = st["mup_search"]["best_params"]
+    assert set(best) == {"model.scale_emb", "model.init_std", "optim.lr", "model.scale_depth"}
+    # the μTransfer grid is centred on the μP optimum
+    lrs = sorted({t["params"]["lr"] for t in st["lr_transfer"]["trials"]})
+    assert lrs == pytest.approx([best["optim.lr"] * f for f in (0.5, 1, 2)], rel=1e-3)
+    # later stages train with the μP optimum
+    cfg = json.loads(
+        next((tunnel_run["folder"] / "sweeps/ladder/runs").glob("*/config.json")).read_text()
+    )
+    assert cfg["model"]["scale_emb"] == pytest.approx(best["model.scale_emb"])
+    assert cfg["model"]["init_std"] == pytest.approx(best["model.init_std"])
+    # the plan carries the μP hyperparameters and the fitted law's prediction
+    plan_yaml = Path(st["plan"]["config"]).read_text()
+    assert f"scale_emb: {best['model.scale_emb']}" in plan_yaml
+    assert st["plan"]["loss"] > 0 and st["plan"]["N"] > 0
+    bt = st["backtest"]
+    assert {p["N"] for p in bt["points"]} == {max(p["N"] for p in st["ladder"]["points"])}
+    assert bt["min_extrapolation"] > 1
+
+
+def test_report_and_mlflow_layout(tunnel_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    r = tunnel_run
+    html = Path(r["summary"]["report"]["html"]).read_text()
+    md = Path(r["summary"]["report"]["markdown"]).read_text()
+    for text in ("μP", "Back-test", "tokens per parameter"):
+        assert text.lower() in html.lower() and text.lower() in md.lower()
+    assert html.count("data:image/png;base64,") >= 5
+    client = MlflowClient(r["srv"].uri)
+    for stage in ("mup_search", "lr_transfer", "batch_size", "ladder"):
+        exp = client.get_experiment_by_name(f"tiny/{stage}")
+        assert exp is not None, stage
+        runs = client.search_runs([exp.experiment_id])
+        assert any(x.data.tags.get("wt.kind") == "sweep" for x in runs)
+        assert any(x.data.tags.get("mlflow.parentRunId") for x in runs)  # nested trials
+    exp = client.get_experiment_by_name("tiny")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`wt.kind` = 'tunnel'")
+    assert parent.info.status == "FINISHED"
+    assert "backtest.max_abs_rel_error" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.html", "report.md", "full_run.yaml"} <= artifacts
+    assert r["summary"]["dashboard"].startswith(r["srv"].uri)
+
+
+def test_rerun_of_a_finished_tunnel_redoes_nothing(tunnel_run) -> None:
+    r = tunnel_run
+    before = load_state(r["folder"] / "state.json")
+    rerun = subprocess.run(r["cmd"], env=r["env"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = load_state(r["folder"] / "state.json")
+    for stage in STAGES:
+        assert f"{stage}: done before, skipped" in rerun.stderr
+        assert after["stages"][stage]["seconds"] == before["stages"][stage]["seconds"]
+    status = subprocess.run(
+        [sys.executable, "-m", "windtunnel", "status", f"experiment={r['spec']}"],
+        capture_output=True,
+        text=True,
+        env=r["env"],
+    )
+    assert status.returncode == 0, status.stderr
+    out = json.loads(status.stdout.strip().splitlines()[-1])
+    assert out["done"] and out["report"]["html"].endswith("report.html")
+    assert "backtest" in status.stderr and "held-out" in status.stderr
+
+
+def test_changed_settings_of_a_finished_stage_are_refused(tunnel_run, capsys) -> None:
+    r = tunnel_run
+    overrides = _run_overrides(r["tmp"], r["srv"])
+    code = main(["tunnel", f"experiment={r['spec']}", "tunnel.fit.bootstrap=21", *overrides])
+    assert code == 3
+    assert "fit already finished with other settings" in capsys.readouterr().err
+
+
+def test_dashboard_chart_of_the_ladder_in_a_real_browser(tunnel_run) -> None:
+    from conftest import skip_or_fail
+    from mlflow.tracking import MlflowClient
+
+    from windtunnel.tracking.browser import BrowserUnavailable, screenshot_charts
+
+    r = tunnel_run
+    client = MlflowClient(r["srv"].uri)
+    exp = client.get_experiment_by_name("tiny/ladder")
+    runs = client.search_runs([exp.experiment_id])
+    trials = [x.info.run_id for x in runs if x.data.tags.get("wt.kind") != "sweep"]
+    assert len(trials) == 4 + 8  # 4 trunks, 8 decay branches
+    assert r["summary"]["charts"].startswith(r["srv"].uri) and trials[0] in r["summary"]["charts"]
+    out = r["tmp"] / "ladder_charts.png"
+    try:
+        shot = screenshot_charts(r["srv"].uri, exp.experiment_id, out, run_ids=trials)
+    except BrowserUnavailable as e:
+        skip_or_fail(str(e))
+    print(f"screenshot: {shot.path}")
+    assert shot.lines >= 1 and out.stat().st_size > 20_000
+    assert any("val_bpb" in t or "val_loss" in t for t in shot.titles)
+
+
+def test_stage_alone_and_skips(tmp_path: Path) -> None:
+    tf = load_tunnel(_tiny_spec(tmp_path, "alone"), ["tunnel.skip=[batch_size]"])
+    assert not tf.enabled("batch_size") and tf.enabled("ladder")
+    with pytest.raises(ValueError, match="stages are"):
+        load_tunnel(_tiny_spec(tmp_path, "bad"), ["tunnel.skip=[ladderz]"])
+    code = main(["tunnel", f"experiment={_tiny_spec(tmp_path, 'alone')}", "--stage", "fit"])
+    assert code == 3  # the fit alone needs the ladder's points, and says so
+
+
+def test_unknown_tunnel_lists_the_ready_ones(capsys) -> None:
+    assert main(["tunnel", "experiment=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "demo" in err and "minicpm_paper" in err
+
+
+def test_paper_scale_dry_run_plans_without_running(tmp_path: Path, capsys) -> None:
+    code = main(["tunnel", "experiment=minicpm_paper", f"tunnel.dir={tmp_path}", "--dry-run"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stages = {s["stage"]: s for s in out["stages"]}
+    assert stages["mup_search"]["models"] == ["minicpm_9m"]
+    assert stages["mup_search"]["jobs"] == stages["mup_search"]["trials"] // 4  # 4 per job
+    assert "minicpm_0p5b" in stages["ladder"]["models"] and stages["ladder"]["trials"] == 7
+    assert out["launcher"] == "slurm"
+    assert 1e19 < out["totals"]["flops"] < 1e22 and out["totals"]["gpu_hours"] > 10
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_every_ready_tunnel_composes() -> None:
+    for path in sorted((REPO / "tunnels").glob("*.yaml")):
+        plan = dry_run(load_tunnel(path, []))
+        assert plan.totals["trials"] > 0, path

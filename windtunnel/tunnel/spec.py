@@ -1,0 +1,149 @@
+"""Tunnel specs: ``tunnels/<name>.yaml``, Hydra-composed with the ``launcher`` group.
+
+A tunnel chains the stages of DESIGN §1, each a sweep spec from ``sweeps/`` (or a pure step)::
+
+    defaults: [tunnel_schema, {launcher: local}, _self_]
+    tunnel:
+      name: demo
+      run: [train.eval_tokens=4096]               # every run of every stage
+      mup_search: {sweep: mup_search, set: [sweep.n_trials=8, model=micro_xxs]}
+      lr_transfer: {sweep: lr_transfer, lr_factors: [0.25, 0.5, 1, 2, 4]}
+      batch_size: {sweep: batch_size}
+      ladder: {sweep: ladder}
+      fit: {form: chinchilla, target: bpb}
+      plan: {budget_flops: 1e21, gpu: h100}
+      skip: [batch_size]                          # or <stage>.enabled=false
+
+``windtunnel tunnel experiment=demo`` loads ``tunnels/demo.yaml``; ``tunnel.*`` and
+``launcher*`` overrides go to the spec, every other override to every run of every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from windtunnel.launch.base import LauncherConfig
+
+SWEEP_STAGES = ("mup_search", "lr_transfer", "batch_size", "ladder")
+STAGES = (*SWEEP_STAGES, "fit", "plan", "backtest")
+
+
+@dataclass(kw_only=True)
+class SweepStage:
+    """A stage that runs a sweep spec from ``sweeps/``."""
+
+    enabled: bool = True
+    sweep: str = ""
+    """Sweep spec name (``sweeps/<name>.yaml``) or path."""
+    set: list[str] = field(default_factory=list)
+    """Overrides of that sweep spec (``sweep.n_trials=8``) and of its runs (``model=micro_s``)."""
+    lr_factors: list[float] = field(default_factory=list)
+    """lr_transfer only: lr grid as multiples of the μP search's best lr (empty: the spec's)."""
+
+
+@dataclass(kw_only=True)
+class FitStage:
+    enabled: bool = True
+    form: str = "chinchilla"
+    """``chinchilla`` (L = E + A/N^α + B/D^β) or ``minicpm``."""
+    target: str = "bpb"
+    """``bpb`` (bits per byte: comparable across tokenizers) or ``loss``."""
+    bootstrap: int = 200
+    """Bootstrap refits for the intervals."""
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class PlanStage:
+    enabled: bool = True
+    budget_flops: float = 1e21
+    """Compute budget of the full run (FLOPs)."""
+    gpu: str = "h100"
+    mfu: float = 0.4
+    seq_len: int = 4096
+    vocab_size: int = 122_753
+    proxy_mfu: float = 0.2
+    """MFU assumed for the proxies' GPU-hours in ``--dry-run`` (measured on an H100: 9M proxy 22%
+    compiled, 0.5B 49%; docs/benchmarks.md)."""
+
+
+@dataclass(kw_only=True)
+class BacktestStage:
+    enabled: bool = True
+    target_error: float = 0.01
+    """Relative error the back-test should stay under (reported, not enforced)."""
+
+
+@dataclass(kw_only=True)
+class TunnelConfig:
+    name: str = "tunnel"
+    """Tunnel name: its folder, MLflow experiments ``<name>/<stage>`` and the report's title."""
+    dir: str = ".windtunnel/tunnels"
+    """Parent folder of tunnel folders."""
+    description: str = ""
+    run: list[str] = field(default_factory=list)
+    """Run overrides applied to every run of every stage."""
+    mup_search: SweepStage = field(default_factory=lambda: SweepStage(sweep="mup_search"))
+    lr_transfer: SweepStage = field(default_factory=lambda: SweepStage(sweep="lr_transfer"))
+    batch_size: SweepStage = field(default_factory=lambda: SweepStage(sweep="batch_size"))
+    ladder: SweepStage = field(default_factory=lambda: SweepStage(sweep="ladder"))
+    fit: FitStage = field(default_factory=FitStage)
+    plan: PlanStage = field(default_factory=PlanStage)
+    backtest: BacktestStage = field(default_factory=BacktestStage)
+    skip: list[str] = field(default_factory=list)
+    """Stages not to run (same as ``<stage>.enabled=false``)."""
+
+
+@dataclass(kw_only=True)
+class TunnelFile:
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: list[str] = field(default_factory=list)
+    """Command-line run overrides (appended after ``tunnel.run``)."""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.tunnel.dir) / self.tunnel.name
+
+    def enabled(self, stage: str) -> bool:
+        return stage not in self.tunnel.skip and getattr(self.tunnel, stage).enabled
+
+    def validate(self) -> None:
+        t, problems = self.tunnel, []
+        unknown = [s for s in t.skip if s not in STAGES]
+        if unknown:
+            problems.append(f"tunnel.skip has unknown stage(s) {unknown}: stages are {STAGES}")
+        if not t.name or "/" in t.name:
+            problems.append(f"tunnel.name={t.name!r}: a non-empty name without '/'")
+        for s in SWEEP_STAGES:
+            if self.enabled(s) and not getattr(t, s).sweep:
+                problems.append(f"tunnel.{s}.sweep is empty: name a spec in sweeps/")
+        if t.fit.form not in ("chinchilla", "minicpm"):
+            problems.append(f"tunnel.fit.form={t.fit.form!r}: chinchilla or minicpm")
+        if t.fit.target not in ("bpb", "loss"):
+            problems.append(f"tunnel.fit.target={t.fit.target!r}: bpb or loss")
+        if not 0 < t.plan.mfu <= 1 or not 0 < t.plan.proxy_mfu <= 1:
+            problems.append("tunnel.plan.mfu and tunnel.plan.proxy_mfu must be in (0, 1]")
+        if any(f <= 0 for f in t.lr_transfer.lr_factors):
+            problems.append("tunnel.lr_transfer.lr_factors must be positive")
+        if problems:
+            raise ValueError("invalid tunnel spec: " + "; ".join(problems))
+
+
+def register_tunnel_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="tunnel_schema", node=TunnelFile)
+
+
+def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelFile:
+    """Compose ``tunnels/<experiment>.yaml`` (or a path) with command-line overrides."""
+    from windtunnel.sweep.spec import compose_spec_file, find_spec_file, split_overrides
+
+    own, to_run = split_overrides(overrides, ("tunnel", "launcher", "hydra"))
+    register_tunnel_configs()
+    spec = compose_spec_file(find_spec_file(experiment, "tunnels"), TunnelFile, own, "tunnel")
+    spec.run = [*spec.run, *to_run]
+    spec.validate()
+    return spec

@@ -237,8 +237,9 @@ def stage_plan(ctx: Context) -> dict[str, Any]:
     )
     out = ctx.folder / "plan"
     out.mkdir(exist_ok=True)
-    (out / "full_run.yaml").write_text(plan.to_yaml())
-    return {**plan.to_dict(), "config": str(out / "full_run.yaml"), "yaml": plan.to_yaml()}
+    text = plan.to_yaml()
+    (out / "full_run.yaml").write_text(text)
+    return {**plan.to_dict(), "config": str(out / "full_run.yaml"), "yaml": text}
 
 
 def stage_backtest(ctx: Context) -> dict[str, Any]:
@@ -406,13 +407,13 @@ def _close_parent(parent: Any, ctx: Context, report: dict[str, Path]) -> None:
 
 
 def _dashboard(uri: str, parent: Any) -> str:
+    """The tunnel run's MLflow page (the server's address until the run has synced)."""
+    from windtunnel.tracking.server import mlflow_ui_url
+
+    exp, run_id = getattr(parent, "experiment_id", None), getattr(parent, "mlflow_run_id", None)
     if not uri.startswith("http"):
         return ""
-    exp = getattr(parent, "experiment_id", None)
-    run_id = getattr(parent, "mlflow_run_id", None)
-    if not exp or not run_id:
-        return uri
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return mlflow_ui_url(uri, exp, run_id) if exp and run_id else uri
 
 
 def ladder_charts_url(uri: str, tunnel: str) -> str:
@@ -440,32 +441,38 @@ def ladder_charts_url(uri: str, tunnel: str) -> str:
 
 def status(tf: TunnelFile) -> dict[str, Any]:
     """Where a tunnel stands: each stage's status, time and headline, and the report."""
-    state = load_state(state_path(tf))
+    return summarize(load_state(state_path(tf)), tf.folder, tf.enabled)
+
+
+def summarize(
+    state: dict[str, Any], folder: Path, enabled: Callable[[str], bool] = lambda _: True
+) -> dict[str, Any]:
+    """A tunnel's state as status rows (live trial counts for unfinished sweep stages)."""
     rows = []
     for stage in STAGES:
         s = state["stages"].get(stage) or {}
-        status_ = s.get("status") or ("disabled" if not tf.enabled(stage) else "pending")
+        status_ = s.get("status") or ("pending" if enabled(stage) else "disabled")
         row: dict[str, Any] = {"stage": stage, "status": status_}
         if "seconds" in s:
             row["seconds"] = round(s["seconds"], 1)
         if s.get("error"):
             row["error"] = s["error"]
         if stage in SWEEP_STAGES and status_ in ("running", "failed", "pending"):
-            row.update(_sweep_progress(tf, stage))
+            row.update(_sweep_progress(folder, stage))
         if status_ == "done":
             row["headline"] = headline(stage, s["result"])
         rows.append(row)
     return {
-        "tunnel": tf.tunnel.name,
-        "folder": str(tf.folder),
+        "tunnel": folder.name,
+        "folder": str(folder),
         "stages": rows,
         "report": state.get("report", {}),
         "done": all(r["status"] in ("done", "skipped", "disabled") for r in rows),
     }
 
 
-def _sweep_progress(tf: TunnelFile, stage: str) -> dict[str, Any]:
-    journal = tf.folder / "sweeps" / stage / "optuna.journal"
+def _sweep_progress(folder: Path, stage: str) -> dict[str, Any]:
+    journal = folder / "sweeps" / stage / "optuna.journal"
     if not journal.is_file():
         return {}
     import optuna

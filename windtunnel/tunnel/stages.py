@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from windtunnel.sweep.spec import SweepFile, as_override, load_sweep
+from windtunnel.sweep.spec import SweepFile, as_override, grid_size, load_sweep
 from windtunnel.tunnel.spec import SweepStage, TunnelFile
 
 
@@ -39,7 +38,7 @@ def sweep_spec(tf: TunnelFile, stage: str, upstream: list[str]) -> SweepFile:
     )
     spec.run = [*spec.run, *t.run, *upstream, *run, *tf.run, f"tracker.experiment={t.name}/{stage}"]
     if spec.sweep.sampler.kind == "grid" and not any(o.startswith("sweep.n_trials") for o in own):
-        spec.sweep.n_trials = _grid_size(spec)  # the whole grid unless a count is set
+        spec.sweep.n_trials = grid_size(spec.sweep.space)  # the whole grid unless a count is set
     spec.launcher = _stage_launcher(tf, [o for o in own if o.startswith("launcher.")])
     spec.validate()
     return spec
@@ -63,13 +62,9 @@ def lr_grid_overrides(spec: SweepFile, lr: float, factors: list[float]) -> Sweep
         if (p.key or name) == "optim.lr":
             p.grid = [float(f"{lr * f:.4g}") for f in factors]
             p.low, p.high = min(p.grid) / 2, max(p.grid) * 2
-            spec.sweep.n_trials = _grid_size(spec)
+            spec.sweep.n_trials = grid_size(spec.sweep.space)
             return spec
     raise ValueError("tunnel.lr_transfer.lr_factors given but the sweep has no optim.lr parameter")
-
-
-def _grid_size(spec: SweepFile) -> int:
-    return math.prod(len(p.grid or p.choices) for p in spec.sweep.space.values())
 
 
 # -- reading a finished sweep back ------------------------------------------------------------
@@ -163,17 +158,15 @@ def batch_curves(trials: list[dict[str, Any]], target: str) -> pd.DataFrame:
 
 def journal_metrics(path: Path, key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of one metric in a run's journal (last value per step)."""
-    seen: dict[int, float] = {}
+    from windtunnel.tracking.journal import iter_events
+
     if not path.is_file():
         return []
-    with path.open() as f:
-        for line in f:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed writer
-            if ev.get("ev") == "metrics" and key in ev.get("values", {}):
-                seen[int(ev["step"])] = float(ev["values"][key])
+    seen = {
+        int(ev["step"]): float(ev["values"][key])
+        for ev, _ in iter_events(path)
+        if ev["ev"] == "metrics" and key in ev.get("values", {})
+    }
     return sorted(seen.items())
 
 

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from windtunnel.tunnel.spec import STAGES
-
 
 def print_status(summary: dict[str, Any]) -> None:
     """One line per stage: status, seconds, trials or headline."""
@@ -34,25 +32,8 @@ def list_tunnels(overrides: list[str]) -> list[dict[str, Any]]:
     for o in overrides:
         if o.startswith("tunnel.dir="):
             root = Path(o.split("=", 1)[1])
-    out = []
-    for path in sorted(root.glob("*/state.json")):
-        state = json.loads(path.read_text())
-        rows = []
-        for stage in STAGES:
-            s = state["stages"].get(stage) or {}
-            row = {"stage": stage, "status": s.get("status", "pending")}
-            if "seconds" in s:
-                row["seconds"] = round(s["seconds"], 1)
-            if s.get("error"):
-                row["error"] = s["error"]
-            rows.append(row)
-        out.append(
-            {
-                "tunnel": path.parent.name,
-                "folder": str(path.parent),
-                "stages": rows,
-                "report": state.get("report", {}),
-                "done": all(r["status"] in ("done", "skipped") for r in rows),
-            }
-        )
-    return out
+    from windtunnel.tunnel.runner import summarize
+
+    return [
+        summarize(json.loads(p.read_text()), p.parent) for p in sorted(root.glob("*/state.json"))
+    ]

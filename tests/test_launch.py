@@ -224,6 +224,21 @@ def test_unknown_option_refused(name):
         assert valid in str(info.value)
 
 
+def test_local_workers_are_prewarmed_and_see_the_current_environment(monkeypatch):
+    """Workers fork from a process that imported torch (no 3 s start-up per trial), yet each is
+    its own process group and takes the environment of the moment it was submitted."""
+    with (
+        make_launcher(name="local", max_workers=1) as warm,
+        make_launcher(name="local", max_workers=1, prewarm=False) as cold,
+    ):
+        monkeypatch.setenv("WT_TEST_SUBMIT_ENV", "set after the launcher started")
+        for launcher, torch_imported in ((warm, True), (cold, False)):
+            facts = launcher.submit(demo.process_facts).result(timeout=WAIT)
+            assert facts == {"torch_imported": torch_imported, "own_group": True}
+            value = launcher.submit(demo.env_value, "WT_TEST_SUBMIT_ENV").result(timeout=WAIT)
+            assert value == "set after the launcher started"
+
+
 # --- pure parts ------------------------------------------------------------------------------------
 def test_launcher_config_with_omegaconf():
     from omegaconf import OmegaConf

@@ -101,3 +101,15 @@ def test_plan_errors():
 def test_bpb_fit_without_batch_law_is_flagged():
     p = make_plan(_fit_file(target="bpb"), budget_flops=1e21)
     assert any("bpb" in n for n in p.notes)
+
+
+def test_plan_far_beyond_the_fitted_points_warns():
+    """A law fitted on micro models and spent on a 1e21 budget is a guess: the plan says so."""
+    fit = _fit_file()
+    fit["data_range"] = {"N": [6e3, 8e4], "D": [1e5, 3e6], "C": [4e9, 1.4e12]}
+    plan = make_plan(fit, budget_flops=1e21)
+    warnings = [n for n in plan.notes if n.startswith("WARNING")]
+    assert any("compute 6ND" in n and "7.1e+08x" in n for n in warnings), warnings
+    assert "# note: WARNING: compute 6ND" in plan.to_yaml()
+    fit["data_range"] = {"N": [1e8, 2e9], "D": [2e10, 5e11], "C": [1.2e19, 6e21]}
+    assert not [n for n in make_plan(fit, budget_flops=1e21).notes if n.startswith("WARNING")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -513,3 +514,51 @@ def test_log_batch_timing_and_ui_url(mlflow_server: MlflowServer, tmp_path: Path
     assert run.experiment_id is not None
     url = mlflow_ui_url(tracker.tracking_uri, run.experiment_id, run.run_id)
     assert url.endswith(f"/runs/{run.run_id}/model-metrics")
+
+
+TRIAL_PROCESS = """
+import json, math, sys
+from pathlib import Path
+from windtunnel.tracking import open_tracker
+from windtunnel.config import TrackerConfig
+
+cfg = TrackerConfig(kind="mlflow", uri=sys.argv[1], experiment="rest", flush_every=2)
+run = open_tracker(cfg).start_run(
+    run_dir=Path(sys.argv[2]), name="no-mlflow", params={"lr": 0.01}, tags={"wt.kind": "run"}
+)
+for i, v in enumerate([3.0, math.nan, math.inf, 2.5]):
+    run.log_metrics({"loss": v}, step=10**10 + i)
+run.log_dict({"lr": 0.01}, "config.json")
+run.finish()
+print(json.dumps({"run_id": run.mlflow_run_id, "mlflow_imported": "mlflow" in sys.modules}))
+"""
+
+
+@pytest.mark.integration
+def test_trial_process_logs_without_importing_mlflow(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """A trial talks to MLflow's REST API itself: importing mlflow would cost it 1–2 s of CPU.
+    Everything must still arrive: params, non-finite points (a diverging trial), the config."""
+    out = subprocess.run(
+        [sys.executable, "-c", TRIAL_PROCESS, mlflow_server.uri, str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["mlflow_imported"] is False
+    rec = _from_mlflow(mlflow_server.uri, got["run_id"])
+    assert rec.params == {"lr": "0.01"} and rec.status == "FINISHED"
+    steps = [s for s, _ in rec.metrics["loss"]]
+    values = [v for _, v in rec.metrics["loss"]]
+    assert steps == [10**10 + i for i in range(4)]
+    assert values[0] == 3.0 and math.isnan(values[1])
+    assert values[2] >= 1.79e308  # MLflow's SQL store keeps +inf as the largest double
+    assert values[3] == 2.5
+    assert rec.artifacts == {"config.json"}
+    from mlflow import MlflowClient
+
+    config = MlflowClient(mlflow_server.uri).download_artifacts(got["run_id"], "config.json")
+    assert json.loads(Path(config).read_text()) == {"lr": 0.01}

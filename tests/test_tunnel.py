@@ -170,7 +170,11 @@ def test_report_and_mlflow_layout(tunnel_run) -> None:
     assert "backtest.max_abs_rel_error" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.html", "report.md", "full_run.yaml"} <= artifacts
-    assert r["summary"]["dashboard"].startswith(r["srv"].uri)
+    # the resumed driver links the tunnel's own run page, not just the server
+    from windtunnel.tracking import mlflow_ui_url
+
+    expected = mlflow_ui_url(r["srv"].uri, exp.experiment_id, parent.info.run_id)
+    assert r["summary"]["dashboard"] == expected
 
 
 def test_rerun_of_a_finished_tunnel_redoes_nothing(tunnel_run) -> None:

@@ -258,6 +258,7 @@ class LauncherConfig:
     # local / ray
     max_workers: int | None = None  # local: parallel trial processes (default: usable cores)
     oversubscribe: bool = False  # local: allow max_workers above the core count
+    prewarm: bool = True  # local: fork workers from a process with torch imported
     folder: str | None = None  # local/slurm: root of the per-sweep job folders
     # slurm (submitit)
     job_name: str | None = None

@@ -38,6 +38,14 @@ def env_value(name: str) -> str | None:
     return os.environ.get(name)
 
 
+def process_facts() -> dict:
+    """What a worker process looks like from inside: is torch already imported (a prewarmed
+    worker), does the process lead its own process group (so cancel kills all it started)."""
+    import sys
+
+    return {"torch_imported": "torch" in sys.modules, "own_group": os.getpgid(0) == os.getpid()}
+
+
 def resumable_count(
     ckpt_dir: str, steps: int, step_s: float = 0.1, started_file: str | None = None
 ) -> dict:

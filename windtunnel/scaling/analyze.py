@@ -106,9 +106,18 @@ def analyze(
         "bootstrap": boot.to_dict() if boot is not None else None,
         "diagnostics": diagnostics,
         "batch_size_law": None,
+        "data_range": data_range(df),
         "lr": float(df["lr"].median()) if "lr" in df.columns and df["lr"].notna().any() else None,
     }
     return _jsonable(fit_file), fit, boot, extras
+
+
+def data_range(df: pd.DataFrame) -> dict[str, list[float]]:
+    """The span of the fitted points: N, D and compute 6ND, each as [min, max] (how far a plan
+    extrapolates is measured against it)."""
+    n, d = df["N"].to_numpy(float), df["D"].to_numpy(float)
+    c = 6.0 * n * d
+    return {k: [float(v.min()), float(v.max())] for k, v in (("N", n), ("D", d), ("C", c))}
 
 
 def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:

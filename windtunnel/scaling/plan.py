@@ -229,6 +229,29 @@ def load_fit_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+EXTRAPOLATION_WARN = 100.0
+"""A plan more than this many times the fit's largest compute (or N, or D) gets a warning."""
+
+
+def extrapolation_notes(fit: dict[str, Any], N: float, D: float) -> list[str]:
+    """Warnings for a plan far outside the fitted points (``fit["data_range"]``)."""
+    span = fit.get("data_range")
+    if not span:
+        return []
+    notes = []
+    C = 6.0 * N * D
+    for key, value, what in (("C", C, "compute 6ND"), ("N", N, "N"), ("D", D, "D")):
+        top = float(span[key][1])
+        if top > 0 and value / top > EXTRAPOLATION_WARN:
+            notes.append(
+                f"WARNING: {what} = {value:.3g} is {value / top:.2g}x the largest fitted "
+                f"({top:.3g}); a law fitted over {span[key][0]:.3g}-{top:.3g} is rarely trusted "
+                f"beyond ~{EXTRAPOLATION_WARN:g}x: fit a ladder closer to this budget before "
+                "spending it"
+            )
+    return notes
+
+
 def make_plan(
     fit: dict[str, Any],
     *,
@@ -291,6 +314,7 @@ def make_plan(
     batch_size = max(1, int(round(bs_tokens / seq_len)))
     base_lr = float(lr if lr is not None else fit.get("lr") or MINICPM_BASE_LR)
     C_exact = float(flops_per_token(shape, seq_len) * D)
+    notes += extrapolation_notes(fit, N, D)
     peak = GPU_PEAK_BF16[gpu.lower()]
     return Plan(
         name=name or label,

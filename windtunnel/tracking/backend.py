@@ -4,7 +4,8 @@ The journal (``journal.jsonl``) is the source of truth and MLflow a replica. Wha
 given tracking URI is recorded beside the journal in ``journal.synced``: the byte offset of the
 last delivered event and the local → MLflow run-id map, per URI.
 
-``import mlflow`` happens on first contact with a server, never at import time.
+Runs talk to the server through :class:`~windtunnel.tracking.api.RestClient` (MLflow's REST API,
+no ``import mlflow``: a trial process saves the 1–2 s that import costs).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from windtunnel.tracking.api import RestClient, RestError, kv
 
 log = logging.getLogger("windtunnel.tracking")
 
@@ -63,14 +67,18 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """Connection trouble and server errors are retried later; a 4xx rejection is not."""
-    from mlflow.exceptions import MlflowException, RestException
-
-    if isinstance(exc, RestException):
-        code = exc.get_http_status_code()
-        return code >= 500 or code == 429
-    if isinstance(exc, MlflowException | ConnectionError | TimeoutError):
+    if isinstance(exc, RestError):
+        return exc.transient
+    if isinstance(exc, OSError | TimeoutError):  # URLError, ConnectionError, socket timeouts
         return True
-    return type(exc).__module__.startswith(("requests", "urllib3"))
+    mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if an artifact call imported it
+    if mlflow_exc is not None:
+        if isinstance(exc, mlflow_exc.RestException):
+            code = exc.get_http_status_code()
+            return code >= 500 or code == 429
+        if isinstance(exc, mlflow_exc.MlflowException):
+            return True
+    return type(exc).__module__.startswith(("requests", "urllib3", "http.client"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,47 +137,35 @@ class SyncState:
 
 
 class Backend:
-    """An :class:`mlflow.MlflowClient` bound to one tracking URI (never the fluent global)."""
+    """A REST client bound to one tracking URI, with the experiments it has resolved."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self._client: Any = None
+        configure_client_env()
+        self.client = RestClient(uri)
         self.experiments: dict[str, str] = {}
         self._warned: set[str] = set()
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            configure_client_env()
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
-        return self._client
-
     def experiment_id(self, name: str) -> str:
         if name not in self.experiments:
-            from mlflow.exceptions import MlflowException
-
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
                     self.experiments[name] = self.client.create_experiment(name)
                     return self.experiments[name]
-                except MlflowException as e:  # created by another process meanwhile
-                    if is_transient(e):
+                except RestError as e:  # created by another process meanwhile
+                    if e.transient:
                         raise
                     exp = self.client.get_experiment_by_name(name)
                     if exp is None:
                         raise
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiments[name] = exp.experiment_id
+            if exp.get("lifecycle_stage") == "deleted":
+                self.client.restore_experiment(exp["experiment_id"])
+            self.experiments[name] = str(exp["experiment_id"])
         return self.experiments[name]
 
     def create_run(self, start: Mapping[str, Any], parent_mlflow_id: str | None) -> str:
         """Create the MLflow run of a journal ``start`` event, with its params; return its id."""
-        from mlflow.entities import Param, RunTag
-
         exp_id = self.experiment_id(start["experiment"])
         tags = {
             **start.get("tags", {}),
@@ -182,17 +178,16 @@ class Backend:
             import getpass
 
             tags.setdefault("mlflow.user", getpass.getuser())
-        run = self.client.create_run(
+        mid = self.client.create_run(
             exp_id,
             start_time=start.get("t"),
             tags={k: str(v)[:MAX_TAG_LEN] for k, v in tags.items() if v != ""},
             run_name=start["name"],
         )
-        mid = run.info.run_id
         local_id = start.get("run_id") or mid
-        params = [Param(k, v[:MAX_PARAM_LEN]) for k, v in start.get("params", {}).items()]
+        params = kv((k, str(v)[:MAX_PARAM_LEN]) for k, v in start.get("params", {}).items())
         self.client.log_batch(
-            mid, params=params[:MAX_PARAMS_TAGS], tags=[RunTag("wt.run_id", local_id)]
+            mid, params=params[:MAX_PARAMS_TAGS], tags=kv({"wt.run_id": local_id})
         )
         for i in range(MAX_PARAMS_TAGS, len(params), MAX_PARAMS_TAGS):
             self.client.log_batch(mid, params=params[i : i + MAX_PARAMS_TAGS])
@@ -201,10 +196,10 @@ class Backend:
     def find_run(self, start: Mapping[str, Any]) -> str | None:
         """The MLflow run already created for this local run id (a lost sidecar), if any."""
         exp_id = self.experiment_id(start["experiment"])
-        found = self.client.search_runs(
-            [exp_id], filter_string=f"tags.`wt.run_id` = '{start['run_id']}'", max_results=1
+        found = self.client.search_run_ids(
+            exp_id, f"tags.`wt.run_id` = '{start['run_id']}'", max_results=1
         )
-        return found[0].info.run_id if found else None
+        return found[0] if found else None
 
     def warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

@@ -54,6 +54,12 @@ class MlflowRun(JournalRun):
 
     @property
     def experiment_id(self) -> str | None:
+        """The MLflow experiment's id (looked up if this process has not yet; None offline)."""
+        if self.experiment not in self._backend.experiments and self._online:
+            try:
+                self._backend.experiment_id(self.experiment)
+            except Exception:
+                return None
         return self._backend.experiments.get(self.experiment)
 
     def _create_remote(self, start: dict[str, Any]) -> str | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from windtunnel.tracking.api import kv, metric
 from windtunnel.tracking.backend import (
     MAX_METRICS,
     MAX_PARAMS_TAGS,
@@ -79,8 +80,6 @@ def deliver(
     Returns the number of metric points sent. Raises :class:`Offline` on a transient failure
     (``state`` then holds what did arrive); a rejected event (4xx) is skipped with a warning.
     """
-    from mlflow.entities import Metric, RunTag
-
     sent = 0
     batch: list[Any] = []
     batch_ends: list[int | None] = []  # end offset of an event whose last point this is
@@ -118,7 +117,7 @@ def deliver(
                     continue
                 items = list(event["values"].items())
                 for i, (key, value) in enumerate(items):
-                    batch.append(Metric(key, value, event["t"], event["step"]))
+                    batch.append(metric(key, value, event["t"], event["step"]))
                     batch_ends.append(end if i == len(items) - 1 else None)
                 send_metrics(final=False)
                 continue
@@ -134,7 +133,7 @@ def deliver(
                 if kind == "resume":
                     call("resume", backend.client.update_run, mid, status="RUNNING")
                 if kind in ("resume", "tags") and event.get("tags"):
-                    tags = [RunTag(k, v[:MAX_TAG_LEN]) for k, v in event["tags"].items()]
+                    tags = kv((k, v[:MAX_TAG_LEN]) for k, v in event["tags"].items())
                     for i in range(0, len(tags), MAX_PARAMS_TAGS):
                         call(
                             "tags",

@@ -1,7 +1,8 @@
 """Sweep benchmarks: TPE + pruning against a full grid, and per-trial orchestration overhead.
 
     .venv/bin/python benchmarks/bench_sweep.py search  [--seeds 3]   # compute to reach the grid's best
-    .venv/bin/python benchmarks/bench_sweep.py overhead [--launcher local|slurm]
+    .venv/bin/python benchmarks/bench_sweep.py overhead [--launcher local|slurm] [--tracker mlflow]
+        [--parallelism 2] [--no-prewarm]
 
 search: the μP learning-rate search at micro scale (micro_xxs on the embedded corpus, 20 N tokens).
 A grid of 12 log-spaced learning rates gives the best loss and the grid's compute (tokens). Then,
@@ -114,12 +115,16 @@ def search(seeds: int, n_trials: int) -> dict:
     return {"grid_best": best, "grid_tokens": grid_tokens, "grid_lrs": GRID, "runs": rows}
 
 
-def overhead(launcher: str, trials: int) -> dict:
+def overhead(
+    launcher: str, trials: int, parallelism: int = 1, prewarm: bool = True, tracker: str = "jsonl"
+) -> dict:
     from windtunnel.launch import make_launcher
     from windtunnel.sweep import Driver
 
     root = Path(tempfile.mkdtemp(prefix="wt-bench-overhead-"))
     extra = ["launcher.partition=low"] if launcher == "slurm" else []
+    if launcher == "local" and not prewarm:
+        extra.append("launcher.prewarm=false")
     spec = _spec(
         root,
         f"launcher={launcher}",
@@ -128,7 +133,8 @@ def overhead(launcher: str, trials: int) -> dict:
         "sweep.sampler.kind=random",
         "sweep.pruner.kind=none",
         f"sweep.n_trials={trials}",
-        "tracker=jsonl",
+        f"sweep.parallelism={parallelism}",
+        f"tracker={tracker}",
     )
     drv = Driver(spec)
     walls: dict[int, float] = {}
@@ -160,6 +166,9 @@ def overhead(launcher: str, trials: int) -> dict:
     mean_over = sum(r["overhead_s"] for r in rows) / len(rows)
     return {
         "launcher": launcher,
+        "prewarm": prewarm,
+        "tracker": tracker,
+        "parallelism": parallelism,
         "trials": rows,
         "mean_overhead_s": mean_over,
         "share_of_60s_trial": mean_over / 60,
@@ -174,8 +183,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--launcher", default="local")
+    p.add_argument("--parallelism", type=int, default=1, help="overhead: trials at once")
+    p.add_argument("--no-prewarm", action="store_true", help="overhead: fresh local processes")
+    p.add_argument(
+        "--tracker", default="jsonl", choices=["jsonl", "mlflow"], help="overhead: run tracking"
+    )
     a = p.parse_args()
-    out = search(a.seeds, a.trials) if a.what == "search" else overhead(a.launcher, a.trials)
+    if a.what == "search":
+        out = search(a.seeds, a.trials)
+    else:
+        out = overhead(a.launcher, a.trials, a.parallelism, not a.no_prewarm, a.tracker)
     print(json.dumps(out))
 
 

@@ -239,6 +239,25 @@ def test_local_workers_are_prewarmed_and_see_the_current_environment(monkeypatch
             assert value == "set after the launcher started"
 
 
+def test_local_launcher_survives_the_loss_of_its_prewarmed_process(tmp_path):
+    """The process that forks workers dies: its running job fails (never hangs) and is killed
+    rather than orphaned, and later jobs start as fresh processes."""
+    with make_launcher(name="local", max_workers=1) as launcher:
+        pid_file = tmp_path / "pid"
+        job = launcher.submit(demo.pid_then_sleep, str(pid_file), 120)
+        pid = int(_wait_file(pid_file))
+        launcher._zygote._proc.kill()
+        with pytest.raises(JobFailed):
+            job.result(timeout=WAIT)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z", "worker left running"
+        with pytest.warns(UserWarning, match="fresh processes"):
+            assert launcher.submit(demo.add, 2, 3).result(timeout=WAIT) == 5
+
+
 # --- pure parts ------------------------------------------------------------------------------------
 def test_launcher_config_with_omegaconf():
     from omegaconf import OmegaConf

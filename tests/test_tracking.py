@@ -423,6 +423,10 @@ def test_server_goes_away_mid_run_and_comes_back(
     assert run.mlflow_run_id == run.run_id  # online at start: MLflow's own id
     for i in range(100):
         run.log_metrics({"loss": float(i)}, step=i)
+    # sent in the background, without a flush
+    deadline = time.monotonic() + 20
+    while len(history(mlflow_server.uri, run.run_id)) < 100 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(history(mlflow_server.uri, run.run_id)) == 100
 
     mlflow_proxy.down()

@@ -28,6 +28,7 @@ import warnings
 import weakref
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from windtunnel.launch._worker import read_outcome, write_call
 from windtunnel.launch.base import (
@@ -144,6 +145,7 @@ class LocalLauncher(Launcher):
         self.folder = root_path / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prewarm = bool(options.get("prewarm", True))
+        self._zygote: Any = None
         if self.prewarm:
             self._start_prewarm()
         self._lock = threading.Condition()
@@ -192,11 +194,12 @@ class LocalLauncher(Launcher):
             ).start()
 
     def _start_prewarm(self) -> None:
+        """Start the zygote now: it imports torch while the sweep gets ready."""
         try:
-            from windtunnel.launch import prewarm
+            from windtunnel.launch.prewarm import Zygote
 
-            prewarm.context()
-        except Exception as e:  # no fork/forkserver here: fresh processes
+            self._zygote = Zygote()
+        except Exception as e:  # no fork here, or the process could not start
             warnings.warn(f"local launcher: no prewarmed workers ({e})", stacklevel=3)
             self.prewarm = False
 
@@ -204,11 +207,9 @@ class LocalLauncher(Launcher):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["WINDTUNNEL_JOB_ID"] = job.job_id
-        if self.prewarm:
-            from windtunnel.launch.prewarm import PrewarmedProcess
-
+        if self.prewarm and self._zygote is not None:
             try:
-                job._proc = PrewarmedProcess(  # type: ignore[assignment]
+                job._proc = self._zygote.fork(  # type: ignore[assignment]
                     str(job.call_path), str(job.result_path), str(job.log_path), env
                 )
                 job._state = RUNNING
@@ -279,6 +280,8 @@ class LocalLauncher(Launcher):
                 _terminate(job._proc)
         for job in running:
             job._finished.wait(KILL_GRACE_S + 2)
+        if self._zygote is not None:
+            self._zygote.close()
         if self._own_root:
             shutil.rmtree(self.folder.parent, ignore_errors=True)
 

@@ -1,6 +1,7 @@
 """The live MLflow run: journal first, send in batches, never raise for server trouble.
 
-Online, events are sent from memory every ``flush_every`` points. When the server is away the
+Online, events are sent from memory every ``flush_every`` points, by a background thread (the
+trainer does not wait for the server; ``flush``/``finish`` wait for everything). When the server is away the
 run warns once, keeps journaling, and at later flushes (at most every ``RETRY_EVERY_S``; always
 at ``flush``/``finish``) probes ``/health`` and, once it answers, replays the backlog from the
 journal. A run that starts offline keeps a local run id; its MLflow run is created on delivery.
@@ -9,6 +10,7 @@ journal. A run that starts offline keeps a local run id; its MLflow run is creat
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,9 +33,14 @@ RETRY_EVERY_S = 30.0
 class MlflowRun(JournalRun):
     """A journaled run mirrored to MLflow; never raises into the trainer for server trouble."""
 
-    def __init__(self, *, backend: Backend, **kwargs: Any) -> None:
+    def __init__(self, *, backend: Backend, background: bool = True, **kwargs: Any) -> None:
         self._backend = backend
         self._pending: list[tuple[dict[str, Any], int]] | None = None  # None: read the file
+        self._pending_lock = threading.Lock()  # the trainer appends, the sender takes
+        self._send_lock = threading.RLock()  # one delivery at a time
+        self._wake = threading.Event()
+        self._stopping = False
+        self._sender: threading.Thread | None = None
         self._online = False
         self._last_try = -1e18
         self._state: SyncState | None = None
@@ -42,6 +49,11 @@ class MlflowRun(JournalRun):
         self._state = self._state or SyncState.load(self.journal_path, backend.uri)
         LIVE[(backend.uri, self.run_id)] = self
         self.try_sync()  # offline at start: it was just tried; resumed: deliver the backlog
+        if background:
+            self._sender = threading.Thread(
+                target=self._send_loop, name=f"wt-mlflow-{self.run_id[:8]}", daemon=True
+            )
+            self._sender.start()
 
     @property
     def tracking_uri(self) -> str:
@@ -82,16 +94,33 @@ class MlflowRun(JournalRun):
         return mid
 
     def _after_write(self, event: dict[str, Any], end_offset: int) -> None:
-        if self._pending is not None:
-            self._pending.append((event, end_offset))
+        with self._pending_lock:
+            if self._pending is not None:
+                self._pending.append((event, end_offset))
 
     def _on_batch(self) -> None:
-        self.try_sync()
+        if self._sender is not None:
+            self._wake.set()
+        else:
+            self.try_sync()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            self.try_sync()
 
     def _on_flush(self) -> None:
         self.try_sync(force=True)
 
     def _on_finish(self) -> None:
+        if self._sender is not None:
+            self._stopping = True
+            self._wake.set()
+            self._sender.join()
+            self._sender = None
         self.try_sync(force=True)
         LIVE.pop((self._backend.uri, self.run_id), None)
         if not self._online:
@@ -108,23 +137,30 @@ class MlflowRun(JournalRun):
         state = self._state
         if state is None:
             return
-        try:
-            if self._online and self._pending is not None:
-                pending, self._pending = self._pending, []
-                deliver(self._backend, state, (p for p in pending if p[1] > state.offset))
-                return
-            if not force and time.monotonic() - self._last_try < RETRY_EVERY_S:
-                return
-            self._last_try = time.monotonic()
-            if not probe(self._backend.uri):
-                raise Offline(f"{self._backend.uri} does not answer")
-            self._f.flush()
-            deliver(self._backend, state, iter_events(self.journal_path, state.offset))
-            if not self._online and self._warned_offline:
-                log.warning("MLflow at %s is back: run %s is up to date", state.uri, self.run_id)
-            self._online, self._pending = True, []
-        except Exception as e:
-            self._go_offline(e)
+        with self._send_lock:
+            try:
+                if self._online and self._pending is not None:
+                    with self._pending_lock:
+                        pending, self._pending = self._pending, []
+                    deliver(self._backend, state, (p for p in pending if p[1] > state.offset))
+                    return
+                if not force and time.monotonic() - self._last_try < RETRY_EVERY_S:
+                    return
+                self._last_try = time.monotonic()
+                if not probe(self._backend.uri):
+                    raise Offline(f"{self._backend.uri} does not answer")
+                # collect in memory from here on, then read the file: an event written meanwhile
+                # is in both, and delivered once (only events past the delivered offset are sent)
+                with self._pending_lock:
+                    self._pending = []
+                deliver(self._backend, state, iter_events(self.journal_path, state.offset))
+                if not self._online and self._warned_offline:
+                    log.warning(
+                        "MLflow at %s is back: run %s is up to date", state.uri, self.run_id
+                    )
+                self._online = True
+            except Exception as e:
+                self._go_offline(e)
 
     def _go_offline(self, exc: BaseException) -> None:
         if self._online or not self._warned_offline:
@@ -138,15 +174,24 @@ class MlflowRun(JournalRun):
                 RETRY_EVERY_S,
             )
             self._warned_offline = True
-        self._online, self._pending = False, None
+        with self._pending_lock:
+            self._online, self._pending = False, None
         self._last_try = time.monotonic()
 
 
 class MlflowTracker:
     """Tracker writing to MLflow at ``tracking_uri`` (plus each run's local journal)."""
 
-    def __init__(self, tracking_uri: str, *, experiment: str = "windtunnel", flush_every: int = 50):
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        experiment: str = "windtunnel",
+        flush_every: int = 50,
+        background: bool = True,
+    ):
         self.tracking_uri = tracking_uri
+        self.background = background
         self.experiment = experiment
         self.flush_every = flush_every
         self._backend = Backend(tracking_uri)
@@ -170,4 +215,5 @@ class MlflowTracker:
             tags=tags,
             parent=parent,
             flush_every=self.flush_every,
+            background=self.background,
         )

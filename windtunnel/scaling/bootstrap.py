@@ -149,22 +149,18 @@ def _replicates(N, D, loss, fit, rng, n_boot, delta, grid, rows, failures, lazy)
     for _ in range(n_boot):
         counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
         keep = counts > 0
+        args = (N[keep], D[keep], loss[keep])
+        kw = {"weights": counts[keep], "delta": delta, "x0": [fit.law], "check": False}
         try:
-            f = fit_points(
-                N[keep],
-                D[keep],
-                loss[keep],
-                weights=counts[keep],
-                delta=delta,
-                grid=grid,
-                n_polish=1,
-                x0=[fit.law],
-                check=False,
-                lazy=lazy,
-            )
-        except ScalingError as e:
-            failures.append(str(e))
-            continue
+            f = fit_points(*args, grid=grid, n_polish=1, lazy=lazy, **kw)
+        except ScalingError:
+            # a line search that stalls from the fast start (it depends on the CPU's floating
+            # point) is retried once from every start of the full grid before it counts as failed
+            try:
+                f = fit_points(*args, grid="default", n_polish=4, **kw)
+            except ScalingError as e:
+                failures.append(str(e))
+                continue
         law = f.law
         rows.append((law.E, law.A, law.B, law.alpha, law.beta))
 

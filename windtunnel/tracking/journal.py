@@ -31,7 +31,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,8 @@ class JournalState:
     """The ``finish`` event after it, if any."""
     start_offset: int = 0
     """Byte offset where that ``start`` line begins."""
+    logged: set[tuple[str, int]] = field(default_factory=set)
+    """``(metric, step)`` pairs that run has journaled (a resumed run skips them again)."""
 
 
 def read_state(path: Path) -> JournalState:
@@ -162,6 +164,8 @@ def read_state(path: Path) -> JournalState:
             state.finish = event
         elif event["ev"] == "resume":
             state.finish = None
+        elif event["ev"] == "metrics":
+            state.logged.update((k, event["step"]) for k in event["values"])
         prev_end = end
     return state
 
@@ -203,6 +207,9 @@ class JournalRun:
         self.resumed = state.start is not None and (
             state.finish is None or state.finish.get("status") != "FINISHED"
         )
+        # a resumed run replays from its last checkpoint: points already journaled are skipped
+        # (a kill can land between journaling a point and the trainer recording that it did)
+        self._journaled = state.logged if self.resumed else set()
         if self.resumed:
             assert state.start is not None
             self.run_id: str = state.start["run_id"]
@@ -234,6 +241,8 @@ class JournalRun:
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         values = check_metrics(metrics, step)
+        if self._journaled:
+            values = {k: v for k, v in values.items() if (k, step) not in self._journaled}
         if self._closed("log_metrics") or not values:
             return
         self._write(

@@ -115,8 +115,11 @@ class RestClient:
     def create_run(
         self, experiment_id: str, *, start_time: int | None, tags: Mapping[str, str], run_name: str
     ) -> str:
-        body: dict[str, Any] = {"experiment_id": experiment_id, "tags": kv(tags)}
-        body["run_name"] = run_name
+        body: dict[str, Any] = {
+            "experiment_id": experiment_id,
+            "tags": kv(tags),
+            "run_name": run_name,
+        }
         if start_time is not None:
             body["start_time"] = int(start_time)
         info = self.call("POST", "runs/create", body)["run"]["info"]
@@ -124,8 +127,11 @@ class RestClient:
         return str(info["run_id"])
 
     def search_run_ids(self, experiment_id: str, filter_string: str, max_results: int) -> list[str]:
-        body = {"experiment_ids": [experiment_id], "filter": filter_string}
-        body["max_results"] = max_results
+        body = {
+            "experiment_ids": [experiment_id],
+            "filter": filter_string,
+            "max_results": max_results,
+        }
         runs = self.call("POST", "runs/search", body).get("runs", [])
         return [r["info"]["run_id"] for r in runs]
 
@@ -137,8 +143,12 @@ class RestClient:
         params: list[dict[str, str]] | None = None,
         tags: list[dict[str, str]] | None = None,
     ) -> None:
-        body = {"run_id": run_id, "metrics": metrics or [], "params": params or []}
-        body["tags"] = tags or []
+        body = {
+            "run_id": run_id,
+            "metrics": metrics or [],
+            "params": params or [],
+            "tags": tags or [],
+        }
         self.call("POST", "runs/log-batch", body)
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
@@ -149,9 +159,6 @@ class RestClient:
         if end_time is not None:
             body["end_time"] = int(end_time)
         self.call("POST", "runs/update", body)
-
-    def set_terminated(self, run_id: str, status: str, end_time: int | None = None) -> None:
-        self.update_run(run_id, status, end_time)
 
     # -- artifacts --------------------------------------------------------------------------
     def artifact_dir(self, run_id: str) -> Path | None:

@@ -149,7 +149,7 @@ def deliver(
                     if event.get("error"):
                         err = str(event["error"])[-MAX_TAG_LEN:]
                         call("failure tag", backend.client.set_tag, mid, "wt.failure", err)
-                    call("finish", backend.client.set_terminated, mid, event["status"], event["t"])
+                    call("finish", backend.client.update_run, mid, event["status"], event["t"])
             state.offset = end
             if result is not None:
                 result.events_sent += 1

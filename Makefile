@@ -18,7 +18,7 @@ install: ## create .venv and install windtunnel (CPU torch where there is no CUD
 
 demo: install ## set up and run the CPU wind tunnel (tunnels/demo.yaml): search, laws, plan, report
 	$(WT) prepare
-	$(WT) tunnel experiment=demo
+	$(WT) tunnel demo
 
 test: install ## set up and run every test (lint, unit, integration with real services)
 	$(VENV)/bin/ruff check windtunnel tests

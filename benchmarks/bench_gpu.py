@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from windtunnel.bench import bench_model, matmul_peak, run_bench  # noqa: E402
-from windtunnel.cli import compose  # noqa: E402
+from windtunnel.compose import compose_run as compose  # noqa: E402
 
 SHAPE = ["data.vocab_size=122753", "data.seq_len=2048", "optim.batch_size=8", "tracker=none"]
 MODELS = ["minicpm_9m", "minicpm_0p1b", "minicpm_0p5b"]

@@ -9,7 +9,7 @@ import pytest
 from conftest import skip_or_fail
 from helpers import tiny_overrides
 
-from windtunnel.cli import compose
+from windtunnel.compose import compose_run as compose
 from windtunnel.tracking.browser import (
     BrowserUnavailable,
     chart_url,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from windtunnel.cli import compose, config_groups
+from windtunnel.compose import compose_run as compose
+from windtunnel.compose import config_groups
 from windtunnel.config import RunConfig, resolve, to_run_config
 
 GROUPS = config_groups()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from windtunnel.cli import compose, main
+from windtunnel.cli import main
+from windtunnel.compose import compose_run as compose
 from windtunnel.coordcheck import coordcheck
 
 

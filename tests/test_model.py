@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from windtunnel.cli import compose, main
+from windtunnel.cli import main
+from windtunnel.compose import compose_run as compose
 from windtunnel.config import ModelConfig, OptimConfig, resolve_model
 from windtunnel.model import Decoder
 from windtunnel.mup import param_groups

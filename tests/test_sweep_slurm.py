@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO
 from helpers import journal_counts, journal_metrics, tiny_overrides
 
-from windtunnel.cli import compose
+from windtunnel.compose import compose_run as compose
 from windtunnel.launch import demo, make_launcher
 
 pytest_plugins = ["fixtures_services", "fixtures_mlflow"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import journal_counts, journal_metrics, tiny_overrides
 
-from windtunnel.cli import compose
+from windtunnel.compose import compose_run as compose
 from windtunnel.train import train
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import tiny_overrides
 
-from windtunnel.cli import compose, main
+from windtunnel.cli import main
+from windtunnel.compose import compose_run as compose
 from windtunnel.train import train
 
 pytest_plugins = ["fixtures_mlflow"]

@@ -68,7 +68,7 @@ def tunnel_run(tmp_path_factory, mlflow_server):
         "-m",
         "windtunnel",
         "tunnel",
-        f"experiment={spec}",
+        str(spec),
         *_run_overrides(tmp, mlflow_server),
     ]
     env = {**os.environ, "WINDTUNNEL_NO_PROGRESS": "1"}
@@ -187,7 +187,7 @@ def test_rerun_of_a_finished_tunnel_redoes_nothing(tunnel_run) -> None:
         assert f"{stage}: done before, skipped" in rerun.stderr
         assert after["stages"][stage]["seconds"] == before["stages"][stage]["seconds"]
     status = subprocess.run(
-        [sys.executable, "-m", "windtunnel", "status", f"experiment={r['spec']}"],
+        [sys.executable, "-m", "windtunnel", "status", str(r["spec"])],
         capture_output=True,
         text=True,
         env=r["env"],
@@ -201,7 +201,7 @@ def test_rerun_of_a_finished_tunnel_redoes_nothing(tunnel_run) -> None:
 def test_changed_settings_of_a_finished_stage_are_refused(tunnel_run, capsys) -> None:
     r = tunnel_run
     overrides = _run_overrides(r["tmp"], r["srv"])
-    code = main(["tunnel", f"experiment={r['spec']}", "tunnel.fit.bootstrap=21", *overrides])
+    code = main(["tunnel", str(r["spec"]), "tunnel.fit.bootstrap=21", *overrides])
     assert code == 3
     assert "fit already finished with other settings" in capsys.readouterr().err
 
@@ -234,18 +234,18 @@ def test_stage_alone_and_skips(tmp_path: Path) -> None:
     assert not tf.enabled("batch_size") and tf.enabled("ladder")
     with pytest.raises(ValueError, match="stages are"):
         load_tunnel(_tiny_spec(tmp_path, "bad"), ["tunnel.skip=[ladderz]"])
-    code = main(["tunnel", f"experiment={_tiny_spec(tmp_path, 'alone')}", "--stage", "fit"])
+    code = main(["tunnel", str(_tiny_spec(tmp_path, "alone")), "--stage", "fit"])
     assert code == 3  # the fit alone needs the ladder's points, and says so
 
 
 def test_unknown_tunnel_lists_the_ready_ones(capsys) -> None:
-    assert main(["tunnel", "experiment=nope"]) == 2
+    assert main(["tunnel", "nope"]) == 2
     err = capsys.readouterr().err
     assert "demo" in err and "minicpm_paper" in err
 
 
 def test_paper_scale_dry_run_plans_without_running(tmp_path: Path, capsys) -> None:
-    code = main(["tunnel", "experiment=minicpm_paper", f"tunnel.dir={tmp_path}", "--dry-run"])
+    code = main(["tunnel", "minicpm_paper", f"tunnel.dir={tmp_path}", "--dry-run"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stages = {s["stage"]: s for s in out["stages"]}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from windtunnel.config import RunConfig, resolve
+from windtunnel.config import ModelConfig, RunConfig, resolve
 from windtunnel.engine import Engine, pick_device, schedule_for
 
 BENCH_DEFAULTS = ["data.vocab_size=4096", "data.seq_len=256", "optim.batch_size=16", "tracker=none"]
@@ -219,14 +219,12 @@ def bench_model(
 def run_bench(
     cfg: RunConfig,
     *,
-    models: list[str],
+    models: list[ModelConfig],
     steps: int = 30,
     baseline: bool = True,
     compiled: bool = True,
 ) -> BenchReport:
-    """Benchmark each named model config on ``cfg``'s data shape and device."""
-    from windtunnel.cli import compose
-
+    """Benchmark each model config on ``cfg``'s data shape and device."""
     device = pick_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -241,8 +239,7 @@ def run_bench(
             "batch": cfg.optim.batch_size,
         },
     )
-    for name in models:
-        model_cfg = compose([f"model={name}"]).model
+    for model_cfg in models:
         one = dataclasses.replace(
             cfg, model=dataclasses.replace(model_cfg, vocab_size=cfg.data.vocab_size)
         )

@@ -1,4 +1,5 @@
-"""The ``windtunnel`` command. Thin: parse, compose the Hydra config, call the library, print.
+"""The ``windtunnel`` command. Thin: parse arguments, ask :mod:`windtunnel.compose` for typed
+configs, call the library, print. No library module imports this one.
 
 Commands that run things take Hydra overrides (``windtunnel train model=micro_m optim.lr=3e-3``)
 and print, as their last stdout line, one JSON object. Heavy imports (torch, mlflow) happen
@@ -16,34 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+from windtunnel.compose import compose_run, config_groups
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
-
-
-def conf_dir() -> Path:
-    path = Path(os.environ.get("WINDTUNNEL_CONF", REPO_CONF))
-    if not (path / "config.yaml").exists():
-        raise ValueError(
-            f"no config.yaml under {path}: run from a windtunnel checkout (pip install -e .) "
-            "or set WINDTUNNEL_CONF to a folder holding the conf/ groups"
-        )
-    return path
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Group → options, read from the conf folder (cheap: no Hydra import)."""
-    try:
-        root = conf_dir()
-    except ValueError:
-        return {}
-    return {
-        g.name: sorted(p.stem for p in g.glob("*.yaml"))
-        for g in sorted(root.iterdir())
-        if g.is_dir()
-    }
 
 
 def groups_help() -> str:
@@ -57,26 +35,6 @@ def groups_help() -> str:
     return "\n".join(lines)
 
 
-def compose(overrides: Sequence[str]) -> Any:
-    """Hydra overrides → :class:`RunConfig` (raises ValueError with Hydra's message)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from windtunnel.config import register_configs, to_run_config
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            cfg = hydra_compose("config", overrides=list(overrides))
-        return to_run_config(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ValueError(f"bad config or override: {e}".strip()) from None
-
-
 def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
@@ -87,7 +45,7 @@ def emit(obj: dict[str, Any]) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from windtunnel.data import prepare
 
-    cfg = compose(args.overrides)
+    cfg = compose_run(args.overrides)
     corpus = prepare(cfg.data, progress=not os.environ.get("WINDTUNNEL_NO_PROGRESS"))
     emit(
         {
@@ -109,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from windtunnel.train import train
 
-    cfg = compose(args.overrides)
+    cfg = compose_run(args.overrides)
     result = train(cfg, handle_signals=True)
     if result.status == "finished":
         where = result.dashboard or result.tracking_uri or f"the journal in {result.run_dir}"
@@ -124,7 +82,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     from windtunnel import flops
     from windtunnel.config import model_shape, resolve_model
 
-    cfg = compose(args.overrides)
+    cfg = compose_run(args.overrides)
     model = resolve_model(cfg.model, cfg.data.vocab_size)
     shape = model_shape(model)
     n, e = flops.non_embedding_params(shape), flops.embedding_params(shape)
@@ -158,7 +116,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_coordcheck(args: argparse.Namespace) -> int:
     from windtunnel.coordcheck import coordcheck
 
-    cfg = compose(args.overrides)
+    cfg = compose_run(args.overrides)
     report = coordcheck(
         cfg, widths=args.widths, steps=args.steps, out=Path(args.out), seeds=args.seeds
     )
@@ -171,10 +129,10 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from windtunnel.bench import BENCH_DEFAULTS, run_bench
 
-    cfg = compose([*BENCH_DEFAULTS, *args.overrides])
+    cfg = compose_run([*BENCH_DEFAULTS, *args.overrides])
     report = run_bench(
         cfg,
-        models=args.models,
+        models=[compose_run([f"model={name}"]).model for name in args.models],
         steps=args.steps,
         baseline=not args.no_baseline,
         compiled=not args.no_compile,
@@ -203,7 +161,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not uri:
         from windtunnel.tracking.server import ensure_server
 
-        uri = ensure_server(compose(args.overrides).tracker)
+        uri = ensure_server(compose_run(args.overrides).tracker)
     result = replay_journal(Path(args.path), uri)
     emit({"tracking_uri": uri, **dataclasses.asdict(result)})
     return 0
@@ -212,7 +170,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from windtunnel.tracking import server
 
-    cfg = compose(args.overrides).tracker
+    cfg = compose_run(args.overrides).tracker
     if args.action == "start":
         emit({"tracking_uri": server.ensure_server(cfg)})
     elif args.action == "stop":
@@ -223,26 +181,31 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tunnel_args(overrides: list[str]) -> tuple[str, list[str]]:
-    """``experiment=NAME`` picks ``tunnels/NAME.yaml`` (default: the demo); the rest override."""
-    names = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
-    return (names[-1] if names else "demo"), [
-        o for o in overrides if not o.startswith("experiment=")
-    ]
+def _tunnel_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """``windtunnel tunnel NAME [overrides]``: NAME picks ``tunnels/NAME.yaml`` (or a path)."""
+    name, overrides = args.name, list(args.overrides)
+    if name is not None and "=" in name:  # no name given: the first word is an override
+        name, overrides = None, [name, *overrides]
+    if any(o.startswith("experiment=") for o in overrides):
+        raise ValueError(
+            "experiment= picks a train config in conf/experiment/; name a tunnel by position: "
+            "windtunnel tunnel demo (tunnels/*.yaml lists them)"
+        )
+    return name, overrides
 
 
 def cmd_tunnel(args: argparse.Namespace) -> int:
     from windtunnel.tunnel import TunnelError, dry_run, load_tunnel, print_status, run_tunnel
 
-    experiment, overrides = _tunnel_args(args.overrides)
-    tf = load_tunnel(experiment, overrides)
+    name, overrides = _tunnel_args(args)
+    spec = load_tunnel(name or "demo", overrides)
     if args.dry_run:
-        plan = dry_run(tf)
+        plan = dry_run(spec)
         print(plan.table(), file=sys.stderr)
         emit(plan.to_json())
         return 0
     try:
-        summary = run_tunnel(tf, only=args.stage)
+        summary = run_tunnel(spec, only=args.stage)
     except TunnelError as e:
         print(f"windtunnel tunnel: {e}", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -260,16 +223,16 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from windtunnel.tunnel import list_tunnels, load_tunnel, print_status, status
 
-    experiment, overrides = _tunnel_args(args.overrides)
-    if not any(o.startswith("experiment=") for o in args.overrides):
+    name, overrides = _tunnel_args(args)
+    if name is None:
         tunnels = list_tunnels(overrides)
         if len(tunnels) != 1:
             for t in tunnels:
                 print_status(t)
             emit({"tunnels": tunnels})
             return 0
-        experiment = tunnels[0]["tunnel"]
-    summary = status(load_tunnel(experiment, overrides))
+        name = tunnels[0]["tunnel"]
+    summary = status(load_tunnel(name, overrides))
     print_status(summary)
     emit(summary)
     return 0
@@ -315,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         for positional in first:  # positionals that come before the overrides
             if positional == "action":
                 sp.add_argument(positional, choices=["start", "stop", "status"])
+            elif positional == "name":
+                sp.add_argument(
+                    "name", nargs="?", help="a tunnel: tunnels/NAME.yaml or a path (default: demo)"
+                )
             else:
                 sp.add_argument(positional, help="a sweep spec, e.g. sweeps/smoke.yaml")
         sp.add_argument(
@@ -353,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = add(
         "tunnel",
         cmd_tunnel,
-        "run or resume a whole wind tunnel: windtunnel tunnel experiment=demo "
+        "run or resume a whole wind tunnel: windtunnel tunnel demo "
         "[launcher=slurm tunnel.ladder.set=[...] ...]; tunnels/*.yaml lists them",
+        "name",
     )
     t.add_argument(
         "--dry-run",
@@ -364,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--stage", nargs="+", default=None, help="run only these stages (e.g. --stage fit plan)"
     )
-    add("status", cmd_status, "where a tunnel stands: windtunnel status [experiment=demo]")
+    add("status", cmd_status, "where a tunnel stands: windtunnel status [demo]", "name")
     for name, (_, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p

@@ -1,9 +1,9 @@
 """Typed configuration for one wind-tunnel run.
 
 Every knob is a field of a keyword-only dataclass with a docstring. Hydra composes the YAML
-files under ``conf/`` on top of these schemas (registered in the ConfigStore by
-:func:`register_configs`), then :func:`to_run_config` turns the DictConfig into plain
-dataclasses: core code never sees a DictConfig. Derived values (vocabulary from the tokenizer,
+files under ``conf/`` on top of these schemas (in :mod:`windtunnel.compose`, the only module
+that imports Hydra), then :func:`from_dict` turns the result into plain dataclasses: core code
+never sees a DictConfig, and this module imports neither Hydra nor OmegaConf. Derived values (vocabulary from the tokenizer,
 ``d_ff`` from the shape rule, step counts from token budgets) come from one pure
 :func:`resolve`, whose result is what gets logged.
 """
@@ -11,10 +11,15 @@ dataclasses: core code never sees a DictConfig. Derived values (vocabulary from 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import MISSING
+MISSING = "???"
+"""OmegaConf's marker of a required value (kept literal: this module imports no OmegaConf)."""
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -230,63 +235,78 @@ class RunConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Plain dict (parsed YAML/JSON, or a composed Hydra config as a container) → dataclass.
 
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    for group, schema in (
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("optim", OptimConfig),
-        ("schedule", ScheduleConfig),
-        ("train", TrainConfig),
-        ("tracker", TrackerConfig),
-    ):
-        cs.store(group=group, name=f"{group}_schema", node=schema)
-
-
-def to_run_config(cfg: Any) -> RunConfig:
-    """DictConfig (or plain dict) → :class:`RunConfig`, validating names and types."""
-    from omegaconf import OmegaConf
-
-    if not isinstance(cfg, dict):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    return _build(RunConfig, cfg, "")
-
-
-_NESTED: dict[str, type] = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": OptimConfig,
-    "schedule": ScheduleConfig,
-    "train": TrainConfig,
-    "tracker": TrackerConfig,
-}
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
+    The one way windtunnel turns data into its typed configs: nested dataclasses, lists and
+    dicts of them, tuples and optionals follow the field annotations; an unknown key or a
+    required one left missing is a ``ValueError`` naming it. Pure: no Hydra, no OmegaConf.
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"valid keys of {where.rstrip('.') or 'the run'}: {', '.join(sorted(names))}"
+            f"unknown config key(s) {', '.join(where + str(k) for k in unknown)}; "
+            f"valid keys of {where.rstrip('.') or cls.__name__}: {', '.join(sorted(names))}"
         )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if value == MISSING:
-            raise ValueError(f"config key {where}{name} is required but missing")
-        if cls is RunConfig and name in _NESTED:
-            kwargs[name] = _build(_NESTED[name], value or {}, f"{name}.")
-        elif name == "domains":
-            kwargs[name] = [_build(DomainSource, d, f"{where}domains[].") for d in value]
-        elif name == "betas":
-            kwargs[name] = tuple(float(b) for b in value)
-        else:
-            kwargs[name] = value
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _value(hints[name], value, f"{where}{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _value(tp: Any, value: Any, where: str) -> Any:
+    if isinstance(value, str) and value == MISSING:
+        raise ValueError(f"config key {where} is required but missing")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value or {}, f"{where}.")  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value, where) if len(inner) == 1 else value
+    if origin is list:
+        return [_value(args[0], v, f"{where}[]") for v in value] if args else list(value)
+    if origin is tuple:
+        return tuple(_value(args[0], v, f"{where}[]") for v in value) if args else tuple(value)
+    if origin is dict:
+        return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def to_run_config(data: Mapping[str, Any]) -> RunConfig:
+    """A run config saved as a dict (``config.json``, a planned YAML) → :class:`RunConfig`."""
+    return from_dict(RunConfig, data)
+
+
+def with_values(cfg: T, values: Mapping[str, Any]) -> T:
+    """``cfg`` with dotted keys set (``{"optim.lr": 3e-3, "name": "t0001"}``); pure.
+
+    What a sweep's sampled values do to a composed run config, without Hydra: each key must name
+    an existing field; numbers are converted to the field's type (an int for a float field).
+    """
+    out = cfg
+    for key, value in values.items():
+        out = _set(out, key.split("."), value, key)
+    return out
+
+
+def _set(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"cannot set {key}: {'.'.join(path)} is not a config section")
+    head, rest = path[0], path[1:]
+    names = {f.name for f in dataclasses.fields(obj)}
+    if head not in names:
+        raise ValueError(f"cannot set {key}: no field {head!r}; valid: {', '.join(sorted(names))}")
+    if rest:
+        new = _set(getattr(obj, head), rest, value, key)
+    else:
+        new = _value(typing.get_type_hints(type(obj))[head], value, key)
+    return dataclasses.replace(obj, **{head: new})  # type: ignore[type-var]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from windtunnel import compat
 from windtunnel.sweep.spec import (
     SweepFile,
     distributions,
@@ -30,8 +31,9 @@ from windtunnel.sweep.spec import (
     make_pruner,
     make_sampler,
     to_plain,
+    trial_template,
 )
-from windtunnel.sweep.trial import TrialSpec, open_storage, run_trial
+from windtunnel.sweep.trial import OptunaTrial, TrialResult, TrialSpec, TrialTemplate, open_storage
 
 ATTEMPTS = "wt.attempts"
 FAIL_REASON = "fail_reason"
@@ -104,7 +106,8 @@ class Driver:
         if grid:
             self._enqueue_grid()
         self.view = view
-        self.active: dict[int, tuple[Any, TrialSpec]] = {}  # trial number → (handle, spec)
+        self.template: TrialTemplate = trial_template(spec)
+        self.active: dict[int, tuple[Any, OptunaTrial]] = {}  # trial number → (handle, job)
         self.failures: dict[int, str] = {}
         self.parent = None
         self.tracker = None
@@ -124,33 +127,26 @@ class Driver:
 
         return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
 
-    # -- the trial's run config ------------------------------------------------------------------
-    def _run_overrides(self, number: int, params: dict[str, Any]) -> list[str]:
+    # -- the trial's job ------------------------------------------------------------------------
+    def _job(self, trial_id: int, number: int, params: dict[str, Any]) -> OptunaTrial:
         threads = self.s.threads_per_trial
         if not threads and self.spec.launcher.name in ("local", "inline"):
             threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
         parent = self.parent.run_id if self.parent else None
-        return trial_overrides(self.spec, number, params, parent_run_id=parent, threads=threads)
-
-    def _trial_spec(self, trial_id: int, number: int, params: dict[str, Any]) -> TrialSpec:
-        from windtunnel.cli import conf_dir
-
-        return TrialSpec(
+        config = self.template.config(number, params, parent_run_id=parent, threads=threads)
+        return OptunaTrial(
+            spec=TrialSpec(config=config, objective=self.s.objective),
             storage=self.url,
             study=self.s.name,
             trial_id=trial_id,
             number=number,
-            overrides=self._run_overrides(number, params),
-            objective=self.s.objective,
             n_warmup_evals=self.s.pruner.n_warmup_evals,
             pruner=self.s.pruner,
-            conf_dir=str(conf_dir()),
-            tags=trial_tags(self.s.name, number),
         )
 
     # -- tracking --------------------------------------------------------------------------------
     def _open_parent(self) -> None:
-        self.tracker, self.parent = open_parent(self.spec)
+        self.tracker, self.parent = open_parent(self.spec, self.template)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, launcher: Any, poll_s: float = 0.5) -> SweepSummary:
@@ -164,13 +160,13 @@ class Driver:
         t0 = time.time()
         self._open_parent()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self._submit(launcher, t._trial_id, t.number, t.params, resumed=True)
+            self._submit(launcher, compat.trial_id(t), t.number, t.params, resumed=True)
         wait_s, last_view = POLL_MIN_S, 0.0
         try:
             while True:
                 while len(self.active) < self.s.parallelism and self._n_started() < self.n_target:
                     trial = self.study.ask(self.dists)
-                    self._submit(launcher, trial._trial_id, trial.number, trial.params)
+                    self._submit(launcher, compat.trial_id(trial), trial.number, trial.params)
                 if not self.active:
                     break
                 finished = [n for n, (h, _) in self.active.items() if h.done()]
@@ -201,52 +197,47 @@ class Driver:
     ) -> None:
         import optuna
 
-        spec = self._trial_spec(trial_id, number, params)
+        job = self._job(trial_id, number, params)
         trial = optuna.Trial(self.study, trial_id)
         attempts = int(trial.user_attrs.get(ATTEMPTS, 0)) + 1
         trial.set_user_attr(ATTEMPTS, attempts)
         if resumed:
             trial.set_user_attr("wt.resumed", True)
-        self.active[number] = (launcher.submit(run_trial, spec), spec)
+        self.active[number] = (launcher.submit(job), job)
 
     def _collect(self, launcher: Any, number: int) -> None:
         import optuna
         from optuna.trial import TrialState
 
-        handle, spec = self.active.pop(number)
-        trial = optuna.Trial(self.study, spec.trial_id)
+        handle, job = self.active.pop(number)
+        trial = optuna.Trial(self.study, job.trial_id)
         try:
-            out = handle.result(timeout=60)
+            out: TrialResult = handle.result(timeout=60)
         except Exception as e:  # the job died: killed, node lost, time limit, worker error
             reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
             if int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
-                self._submit(
-                    launcher,
-                    spec.trial_id,
-                    number,
-                    trial.params,
-                )
+                self._submit(launcher, job.trial_id, number, trial.params)
                 return
             self._fail(trial, f"job failed: {reason}")
             return
-        status = out["status"]
+        status = out.status
         for key in ("run_id", "tokens", "flops"):  # compute spent, also by pruned trials
-            trial.set_user_attr(key, out.get(key))
-        if status == "finished" and math.isfinite(out["value"]):
-            self.study.tell(spec.trial_id, out["value"])
+            trial.set_user_attr(key, getattr(out, key))
+        if status == "finished" and math.isfinite(out.value):
+            self.study.tell(job.trial_id, out.value)
         elif status == "pruned":
-            self.study.tell(spec.trial_id, state=TrialState.PRUNED)
+            self.study.tell(job.trial_id, state=TrialState.PRUNED)
         elif status == "preempted" and int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
-            self._submit(launcher, spec.trial_id, number, trial.params)
+            self._submit(launcher, job.trial_id, number, trial.params)
         else:
-            self._fail(trial, f"{status}: {out.get('failure')}")
+            self._fail(trial, f"{status}: {out.failure}")
 
     def _fail(self, trial: Any, reason: str) -> None:
         from optuna.trial import TrialState
 
         trial.set_user_attr(FAIL_REASON, reason[:2000])
         self.failures[trial.number] = reason
-        self.study.tell(trial._trial_id, state=TrialState.FAIL)
+        self.study.tell(compat.trial_id(trial), state=TrialState.FAIL)
 
     # -- results ---------------------------------------------------------------------------------
     def summary(self, seconds: float = 0.0) -> SweepSummary:
@@ -300,42 +291,15 @@ def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
         launcher.close()
 
 
-# -- shared by both engines (the Optuna driver and Ray Tune): run config, tags, parent run ------
+# -- shared by both engines (the Optuna driver and Ray Tune): the parent run -------------------
 
 
-def trial_overrides(
-    spec: SweepFile,
-    number: int,
-    params: dict[str, Any],
-    *,
-    parent_run_id: str | None = None,
-    threads: int = 0,
-) -> list[str]:
-    """Trial ``number``'s run config: the base run, its name and folder, the sampled values."""
-    s = spec.sweep
-    return [
-        *spec.run,
-        f"name={s.name}-t{number:04d}",
-        f"stage={s.stage}",
-        f"run_dir={(spec.folder / 'runs').resolve()}",
-        "train.progress=false",
-        *([f"train.threads={threads}"] if threads else []),
-        *([f"tracker.parent_run_id={parent_run_id}"] if parent_run_id else []),
-        *s.overrides(params),
-    ]
-
-
-def trial_tags(study: str, number: int) -> dict[str, str]:
-    return {"wt.sweep": study, "optuna.study": study, "optuna.trial": str(number)}
-
-
-def open_parent(spec: SweepFile) -> tuple[Any, Any]:
+def open_parent(spec: SweepFile, template: TrialTemplate) -> tuple[Any, Any]:
     """``(tracker, parent run)`` of the sweep (resumes the unfinished parent in its folder)."""
-    from windtunnel.cli import compose
     from windtunnel.tracking import open_tracker
 
     s = spec.sweep
-    base = compose(spec.run)
+    base = template.base
     tracker = open_tracker(base.tracker)
     parent = tracker.start_run(
         run_dir=spec.folder / "parent",

@@ -36,21 +36,29 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from windtunnel import compat
 from windtunnel.launch.ray_launcher import RAY_ENV
-from windtunnel.sweep.driver import (
-    SweepSummary,
-    close_parent,
-    open_parent,
-    trial_overrides,
-    trial_tags,
+from windtunnel.sweep.driver import SweepSummary, close_parent, open_parent
+from windtunnel.sweep.spec import (
+    SweepFile,
+    distributions,
+    grid_points,
+    grid_size,
+    make_sampler,
+    trial_template,
 )
-from windtunnel.sweep.spec import SweepFile, distributions, grid_points, grid_size, make_sampler
+from windtunnel.sweep.trial import (
+    TrialSpec,
+    TrialTemplate,
+    run_trial,
+    trial_name,
+    trial_number,
+)
 
 for _k, _v in RAY_ENV.items():  # before Ray is imported: loopback, no auth token
     os.environ.setdefault(_k, _v)
@@ -74,10 +82,10 @@ class TrialFailed(RuntimeError):
 class _Job:
     """What every trial needs (shipped to the workers with ``tune.with_parameters``)."""
 
-    spec: SweepFile
+    template: TrialTemplate
+    objective: str
     parent_run_id: str | None
     threads: int
-    conf_dir: str
     cwd: str
 
 
@@ -88,7 +96,7 @@ class _TrialName:
         self.sweep = sweep
 
     def __call__(self, trial: Any) -> str:
-        return f"{self.sweep}-t{int(trial.experiment_tag.split('_')[0]) - 1:04d}"
+        return trial_name(self.sweep, int(trial.experiment_tag.split("_")[0]) - 1)
 
 
 class _Asha(ASHAScheduler):
@@ -112,17 +120,7 @@ class _FinishOnStop:
     raises ``SystemExit``) and wait until the trainer has finished its run, then clean up."""
 
     def _let_trial_finish(self) -> None:
-        from ray.train._internal.session import get_session
-
-        session = get_session()
-        thread = getattr(session, "training_thread", None)
-        if session is None or not session.training_started or thread is None:
-            return
-        deadline = time.monotonic() + STOP_WAIT_S
-        while thread.is_alive() and time.monotonic() < deadline:
-            session.stop_event.set()  # the thread's next report() exits
-            session.continue_lock.release()
-            threading.Thread.join(thread, timeout=1.0)
+        compat.finish_function_trial(STOP_WAIT_S)
 
     def cleanup(self) -> None:
         self._let_trial_finish()
@@ -136,39 +134,26 @@ class _FinishOnStop:
 def _trainable(config: dict[str, Any], job: _Job) -> None:
     from ray import tune
 
-    from windtunnel.cli import compose
     from windtunnel.engine import Preempted
-    from windtunnel.sweep.trial import _objective
-    from windtunnel.train import train
 
-    os.environ.setdefault("WINDTUNNEL_CONF", job.conf_dir)
     if os.path.isdir(job.cwd):  # Tune runs trials in its own folder: relative paths are ours
         os.chdir(job.cwd)
-    s = job.spec.sweep
-    number = int(tune.get_context().get_trial_name().rsplit("-t", 1)[1])
-    params = {k: config[k] for k in s.space}
-    overrides = trial_overrides(
-        job.spec, number, params, parent_run_id=job.parent_run_id, threads=job.threads
-    )
-    cfg = compose(overrides)
-    cfg.tags = {**cfg.tags, **trial_tags(s.name, number)}
+    number = trial_number(tune.get_context().get_trial_name())
+    params = {k: config[k] for k in job.template.keys}
+    cfg = job.template.config(number, params, parent_run_id=job.parent_run_id, threads=job.threads)
 
-    def on_eval(tokens: int, metrics: dict[str, float]) -> None:
-        value = metrics.get(s.objective, math.nan)
-        if not math.isfinite(value):
-            return
+    def report(tokens: int, value: float) -> None:
         try:
-            tune.report({"objective": float(value), "tokens": int(tokens)})
+            tune.report({"objective": value, "tokens": int(tokens)})
         except SystemExit:  # Tune stops the trial (ASHA, or the driver is interrupted)
             raise Preempted(f"stopped by Ray Tune at {tokens} tokens") from None
 
-    result = train(cfg, on_eval=on_eval, handle_signals=False)
+    result = run_trial(TrialSpec(config=cfg, objective=job.objective), report)
     if result.status in ("preempted", "pruned"):
         raise SystemExit(0)  # Tune stopped it (the driver knows why): end as Ray expects
-    value = _objective(result, s.objective)
-    if result.status != "finished" or not math.isfinite(value):
-        raise TrialFailed(f"{result.status}: {result.failure or f'{s.objective}={value}'}")
-    final = {"objective": value, "final_tokens": result.tokens, "wt_status": "finished"}
+    if result.status != "finished" or not math.isfinite(result.value):
+        raise TrialFailed(f"{result.status}: {result.failure or f'{job.objective}={result.value}'}")
+    final = {"objective": result.value, "final_tokens": result.tokens, "wt_status": "finished"}
     tune.report({**final, "run_id": result.run_id})
 
 
@@ -178,12 +163,11 @@ _trainable.__mixins__ = (_FinishOnStop,)  # type: ignore[attr-defined]
 # -- the driver side ------------------------------------------------------------------------------
 
 
-def _eval_tokens(spec: SweepFile) -> int:
+def _eval_tokens(template: TrialTemplate) -> int:
     """Tokens between two evaluations of the base run (ASHA's unit of grace)."""
-    from windtunnel.cli import compose
     from windtunnel.config import resolve
 
-    cfg = compose(spec.run)
+    cfg = template.base
     res = resolve(cfg, cfg.data.vocab_size or 256)
     return res.eval_every_steps * res.tokens_per_step
 
@@ -192,7 +176,7 @@ def _mode(spec: SweepFile) -> str:
     return "min" if spec.sweep.direction == "minimize" else "max"
 
 
-def _scheduler(spec: SweepFile, record: Path) -> Any:
+def _scheduler(spec: SweepFile, template: TrialTemplate, record: Path) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
     p = spec.sweep.pruner
@@ -204,7 +188,7 @@ def _scheduler(spec: SweepFile, record: Path) -> Any:
         time_attr="tokens",
         metric="objective",
         mode=_mode(spec),
-        grace_period=max(1, evals) * _eval_tokens(spec),
+        grace_period=max(1, evals) * _eval_tokens(template),
         reduction_factor=max(2, p.reduction_factor),
         max_t=UNBOUNDED_T,
     )
@@ -260,15 +244,14 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
 
     from ray import tune
 
-    from windtunnel.cli import conf_dir
-
     t0 = time.time()
     cpus = spec.launcher.cpus_per_task or 1
     resources: dict[str, float] = {"cpu": cpus}
     if spec.launcher.gpus_per_task:
         resources["gpu"] = spec.launcher.gpus_per_task
-    tracker, parent = open_parent(spec)
-    job = _Job(spec, parent.run_id, s.threads_per_trial or cpus, str(conf_dir()), os.getcwd())
+    template = trial_template(spec)
+    tracker, parent = open_parent(spec, template)
+    job = _Job(template, s.objective, parent.run_id, s.threads_per_trial or cpus, os.getcwd())
     trainable = tune.with_resources(tune.with_parameters(_trainable, job=job), resources)
     storage = (spec.folder / "ray").resolve()
     experiment = storage / s.name
@@ -277,7 +260,7 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
         if tune.Tuner.can_restore(str(experiment)):
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=False)
         else:
-            tuner = _new_tuner(spec, trainable, storage, n_target, grid)
+            tuner = _new_tuner(spec, template, trainable, storage, n_target, grid)
         with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables: stdout is ours
             fitted = tuner.fit()
     finally:
@@ -294,7 +277,14 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
     return summary
 
 
-def _new_tuner(spec: SweepFile, trainable: Any, storage: Path, n_target: int, grid: bool) -> Any:
+def _new_tuner(
+    spec: SweepFile,
+    template: TrialTemplate,
+    trainable: Any,
+    storage: Path,
+    n_target: int,
+    grid: bool,
+) -> Any:
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -314,7 +304,7 @@ def _new_tuner(spec: SweepFile, trainable: Any, storage: Path, n_target: int, gr
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=search,
-            scheduler=_scheduler(spec, storage / s.name / STOPPED),
+            scheduler=_scheduler(spec, template, storage / s.name / STOPPED),
             num_samples=n_target,
             max_concurrent_trials=s.parallelism,
             trial_name_creator=namer,
@@ -335,14 +325,14 @@ def _summarize(
     record = spec.folder / "ray" / s.name / STOPPED
     stopped = set(record.read_text().split()) if record.exists() else set()
     for r in results:
-        number = int(Path(r.path).name.rsplit("-t", 1)[1])
-        run_dir = (spec.folder / "runs" / f"{s.name}-t{number:04d}").resolve()
+        number = trial_number(Path(r.path).name)
+        run_dir = (spec.folder / "runs" / trial_name(s.name, number)).resolve()
         if r.error is not None:
             failures[number] = _reason(r.error)
             _close_trial_run(tracker, run_dir, "FAILED", failures[number], {})
         elif (r.metrics or {}).get("wt_status") == "finished":
             complete[number] = (float(r.metrics["objective"]), {k: r.config[k] for k in s.space})
-        elif f"{s.name}-t{number:04d}" not in stopped:  # stopped by an interrupt
+        elif trial_name(s.name, number) not in stopped:  # stopped by an interrupt
             raise RuntimeError(_INTERRUPTED.format(s.name, len(complete), len(results)))
         else:
             n_pruned += 1

@@ -101,6 +101,8 @@ class SweepConfig:
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """Sampled values → Hydra overrides of the base run."""
+        from windtunnel.compose import as_override
+
         return [as_override(self.space[k].key or k, v) for k, v in params.items()]
 
 
@@ -157,58 +159,35 @@ def _param_problems(p: ParamSpec, sampler: str) -> list[str]:
     return out
 
 
-def register_sweep_configs() -> None:
-    from hydra.core.config_store import ConfigStore
+def trial_template(spec: SweepFile) -> Any:
+    """Compose, once, the base run of every trial (one per choice of config-group parameters,
+    e.g. each ``model`` of a ladder): workers then only set fields, never compose."""
+    import itertools
 
-    cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepFile)
-    cs.store(group="launcher", name="launcher_schema", node=LauncherConfig)
+    from windtunnel.compose import as_override, compose_run, config_groups
+    from windtunnel.sweep.trial import TrialTemplate
 
-
-def split_overrides(overrides: list[str] | None, own: tuple[str, ...]) -> tuple[list, list]:
-    """``(overrides of the spec file itself, the rest)``: a spec's own keys are ``own``."""
-    mine = [o for o in overrides or [] if o.lstrip("+~").split("=")[0].split(".")[0] in own]
-    return mine, [o for o in overrides or [] if o not in mine]
-
-
-def compose_spec_file(path: Path, schema: type, overrides: list[str], what: str) -> Any:
-    """Compose a spec file (with ``conf/`` on Hydra's search path) into a ``schema`` object."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from windtunnel.cli import conf_dir
-
-    register_sweep_configs()
-    GlobalHydra.instance().clear()
-    search = f"hydra.searchpath=[file://{conf_dir()}]"
-    try:
-        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
-            cfg = compose(path.stem, overrides=[search, *overrides])
-        merged = OmegaConf.merge(
-            OmegaConf.structured(schema), {k: v for k, v in cfg.items() if k != "hydra"}
-        )
-        obj = OmegaConf.to_object(merged)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ValueError(f"bad {what} or override: {e}") from None
-    assert isinstance(obj, schema)
-    return obj
-
-
-def find_spec_file(path: str | Path, folder: str) -> Path:
-    """``path`` itself, or ``<folder>/<path>.yaml`` for a bare name."""
-    from windtunnel.cli import conf_dir
-
-    p = Path(path)
-    if p.is_file():
-        return p
-    for root in (Path(folder), Path(conf_dir()).parent / folder):  # here, then the repo's
-        if (root / f"{p}.yaml").is_file():
-            return root / f"{p}.yaml"
-    ready = sorted(x.stem for x in (Path(conf_dir()).parent / folder).glob("*.yaml"))
-    raise ValueError(f"no spec at {p}; the ready ones in {folder}/: {', '.join(ready)}")
+    s, group_names = spec.sweep, set(config_groups())
+    keys = {k: p.key or k for k, p in s.space.items()}
+    groups = tuple(k for k in s.space if keys[k] in group_names)
+    for g in groups:
+        if s.space[g].kind != "categorical":
+            raise ValueError(
+                f"sweep.space.{g} picks the config group {keys[g]}: make it categorical"
+            )
+    options = [list(dict.fromkeys([*s.space[g].choices, *s.space[g].grid])) for g in groups]
+    configs = {
+        combo: compose_run([*spec.run, *(as_override(keys[g], v) for g, v in zip(groups, combo))])
+        for combo in itertools.product(*options)
+    }
+    return TrialTemplate(
+        sweep=s.name,
+        stage=s.stage,
+        runs_dir=str((spec.folder / "runs").resolve()),
+        keys=keys,
+        groups=groups,
+        configs=configs,
+    )
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
@@ -218,8 +197,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
     ``launcher.partition=gpu``) apply to the spec; every other override (``model=micro_s``,
     ``tracker=jsonl``) is appended to the base run of every trial.
     """
+    from windtunnel.compose import compose_spec, find_spec, split_overrides
+
     own, to_run = split_overrides(overrides, ("sweep", "launcher", "hydra"))
-    spec = compose_spec_file(find_spec_file(path, "sweeps"), SweepFile, own, "sweep spec")
+    spec = compose_spec(
+        find_spec(path, "sweeps"), SweepFile, own, schema_name="sweep_schema", what="sweep spec"
+    )
     spec.run = [*spec.run, *to_run]
     spec.validate()
     return spec
@@ -290,17 +273,6 @@ def make_pruner(s: SweepConfig | PrunerSpec) -> Any:
 
 def grid_size(space: dict[str, ParamSpec]) -> int:
     return math.prod(len(p.grid or p.choices) for p in space.values())
-
-
-def as_override(key: str, value: Any) -> str:
-    """A sampled value as a Hydra override (floats keep full precision)."""
-    if isinstance(value, float):
-        return f"{key}={value!r}"
-    if isinstance(value, str) and not value.replace("_", "").replace("-", "").isalnum():
-        return f"{key}='{value}'"  # quoted unless a plain name (a config group option)
-    if isinstance(value, (list, tuple)):
-        return f"{key}=[{','.join(str(v) for v in value)}]"
-    return f"{key}={value}"
 
 
 def to_plain(spec: SweepFile) -> dict[str, Any]:

@@ -1,97 +1,146 @@
-"""One trial, as it runs inside a launcher's job (a local process, a SLURM task, a Ray worker).
+"""One trial, as it runs inside a launcher's job (a local process, a SLURM task, a Ray actor).
 
-The worker composes the trial's run config, trains it, reports each intermediate evaluation of
-the objective to the Optuna study (from the worker itself: the journal storage is safe for
-concurrent writers) and stops when the pruner says so. The driver, not the worker, tells the
-study the final state, so a job that dies leaves its trial RUNNING for the driver to retry or
-fail with the reason. A retried trial reuses its run folder: it resumes from its checkpoint and
-continues the same MLflow run.
+The driver composes, once, the run config of every trial (:class:`TrialTemplate`: Hydra runs in
+the driver only); a trial's config is that template with its sampled values set
+(:func:`~windtunnel.config.with_values`), so workers never import Hydra. One body,
+:func:`run_trial`, trains it and hands every intermediate value of the objective to a
+``report`` callback; each engine brings its own:
+
+* the Optuna driver (:class:`OptunaTrial`): the worker reports to the study itself (the journal
+  storage is safe for concurrent writers) and stops when the pruner says so; the driver, not the
+  worker, tells the study the final state, so a job that dies leaves its trial RUNNING for the
+  driver to retry or fail with the reason. A retried trial reuses its run folder: it resumes
+  from its checkpoint and continues the same MLflow run;
+* the Ray Tune engine (``windtunnel.sweep.ray_tune``): the callback is ``tune.report``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from windtunnel.config import RunConfig, with_values
+
+Report = Callable[[int, float], None]
+"""``report(tokens, value)`` for every finite intermediate value of the objective; it raises
+:class:`~windtunnel.engine.Pruned` (or ``Preempted``) to stop the trial at that evaluation."""
+
+
+def trial_name(sweep: str, number: int) -> str:
+    """Trial ``number``'s run name and run folder name (``<sweep>-t0007``)."""
+    return f"{sweep}-t{number:04d}"
+
+
+def trial_number(name: str) -> int:
+    """The inverse of :func:`trial_name`."""
+    return int(name.rsplit("-t", 1)[1])
+
+
+def trial_tags(study: str, number: int) -> dict[str, str]:
+    return {"wt.sweep": study, "optuna.study": study, "optuna.trial": str(number)}
+
+
+@dataclass(kw_only=True)
+class TrialTemplate:
+    """The run config of every trial of one sweep, composed in the driver; picklable.
+
+    Space parameters whose key names a config group (``model``) pick one of the composed
+    ``configs``; every other parameter sets a field (``optim.lr``).
+    """
+
+    sweep: str
+    stage: str
+    runs_dir: str
+    """Absolute folder of the trials' run folders."""
+    keys: dict[str, str]
+    """Space parameter → the run-config key it sets."""
+    groups: tuple[str, ...] = ()
+    """Space parameters that choose a config group, in the order of ``configs``' keys."""
+    configs: dict[tuple[Any, ...], RunConfig] = field(default_factory=dict)
+    """Group choices → the composed base run."""
+
+    @property
+    def base(self) -> RunConfig:
+        return next(iter(self.configs.values()))
+
+    def config(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        *,
+        parent_run_id: str | None = None,
+        threads: int = 0,
+    ) -> RunConfig:
+        """Trial ``number``'s run config: the base run, its name and folder, the sampled values."""
+        choice = tuple(params[g] for g in self.groups)
+        if choice not in self.configs:
+            raise ValueError(f"{dict(zip(self.groups, choice))} is not among the composed choices")
+        values: dict[str, Any] = {
+            "name": trial_name(self.sweep, number),
+            "stage": self.stage,
+            "run_dir": self.runs_dir,
+            "train.progress": False,
+            **({"train.threads": threads} if threads else {}),
+            **({"tracker.parent_run_id": parent_run_id} if parent_run_id else {}),
+            **{self.keys[k]: v for k, v in params.items() if k not in self.groups},
+        }
+        cfg = with_values(self.configs[choice], values)
+        return dataclasses.replace(cfg, tags={**cfg.tags, **trial_tags(self.sweep, number)})
+
+    def run_dir(self, number: int) -> Path:
+        return Path(self.runs_dir) / trial_name(self.sweep, number)
 
 
 @dataclass(kw_only=True)
 class TrialSpec:
-    """Everything a worker needs; picklable."""
+    """What one trial trains and which metric it is judged by."""
 
-    storage: str
-    """Optuna storage URL, or ``journal:<path>`` for the journal file."""
-    study: str
-    trial_id: int
-    number: int
-    overrides: list[str]
+    config: RunConfig
     objective: str
-    n_warmup_evals: int = 1
-    conf_dir: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
-    pruner: Any = None
-    """The sweep's :class:`~windtunnel.sweep.spec.SweepConfig` pruner is rebuilt from this:
-    Optuna keeps no pruner in its storage, so a worker must be given it."""
 
 
-def open_storage(url: str) -> Any:
-    """``journal:<path>`` → Optuna's journal file storage; anything else → RDB storage."""
-    import optuna
+@dataclass
+class TrialResult:
+    """What a trial sends back to its engine."""
 
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+    status: str
+    """The trainer's: ``finished``, ``diverged``, ``pruned``, ``preempted``."""
+    value: float
+    """The objective of the finished (decayed) model; NaN unless finished."""
+    run_id: str = ""
+    failure: str | None = None
+    tokens: int = 0
+    flops: float = 0.0
+    N: int = 0
 
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    return optuna.storages.RDBStorage(url)
 
-
-def run_trial(spec: TrialSpec) -> dict[str, Any]:
-    """Train one trial; returns ``{status, value, run_id, failure, ...}`` for the driver."""
-    import os
-
-    import optuna
-
-    from windtunnel.cli import compose
-    from windtunnel.engine import Pruned
+def run_trial(spec: TrialSpec, report: Report) -> TrialResult:
+    """Train one trial, reporting each finite intermediate value of the objective."""
     from windtunnel.train import train
-
-    if spec.conf_dir:
-        os.environ.setdefault("WINDTUNNEL_CONF", spec.conf_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from windtunnel.sweep.spec import make_pruner
-
-    study = optuna.load_study(
-        study_name=spec.study, storage=open_storage(spec.storage), pruner=make_pruner(spec.pruner)
-    )
-    trial = optuna.Trial(study, spec.trial_id)
-    reported: list[int] = []
 
     def on_eval(tokens: int, metrics: dict[str, float]) -> None:
         value = metrics.get(spec.objective, math.nan)
-        if not math.isfinite(value):
-            return
-        if tokens not in trial.storage.get_trial(spec.trial_id).intermediate_values:
-            trial.report(value, step=tokens)
-        reported.append(tokens)
-        if len(reported) >= spec.n_warmup_evals and trial.should_prune():
-            raise Pruned(f"{spec.objective}={value:.4f} at {tokens} tokens")
+        if math.isfinite(value):
+            report(tokens, float(value))
 
-    cfg = compose(spec.overrides)
-    cfg.tags = {**cfg.tags, **spec.tags}
-    result = train(cfg, on_eval=on_eval, handle_signals=False)
-    value = _objective(result, spec.objective)
-    return {
-        "status": result.status,
-        "value": value,
-        "run_id": result.run_id,
-        "failure": result.failure,
-        "tokens": result.tokens,
-        "flops": result.flops,
-        "N": result.N,
-    }
+    result = train(spec.config, on_eval=on_eval, handle_signals=False)
+    return TrialResult(
+        status=result.status,
+        value=objective_value(result, spec.objective),
+        run_id=result.run_id,
+        failure=result.failure,
+        tokens=result.tokens,
+        flops=result.flops,
+        N=result.N,
+    )
 
 
-def _objective(result: Any, key: str) -> float:
+def objective_value(result: Any, key: str) -> float:
+    """``val_bpb``, ``val_loss`` or ``val_bpb/<domain>`` of a finished run (NaN otherwise)."""
     if result.status != "finished":
         return math.nan
     if key in ("val_bpb", "val_loss"):
@@ -105,3 +154,57 @@ def _objective(result: Any, key: str) -> float:
             f"with a domain among {sorted(last.domains)}"
         )
     return float(last.domains[domain][field_])
+
+
+# -- the Optuna engine's worker side --------------------------------------------------------------
+
+
+def open_storage(url: str) -> Any:
+    """``journal:<path>`` → Optuna's journal file storage; anything else → RDB storage."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    return optuna.storages.RDBStorage(url)
+
+
+@dataclass(kw_only=True)
+class OptunaTrial:
+    """A trial of the Optuna driver as a picklable call: ``launcher.submit(job)``."""
+
+    spec: TrialSpec
+    storage: str
+    """Optuna storage URL, or ``journal:<path>`` for the journal file."""
+    study: str
+    trial_id: int
+    number: int
+    n_warmup_evals: int = 1
+    pruner: Any = None
+    """The sweep's :class:`~windtunnel.sweep.spec.PrunerSpec`: Optuna keeps no pruner in its
+    storage, so a worker must be given it."""
+
+    def __call__(self) -> TrialResult:
+        import optuna
+
+        from windtunnel.engine import Pruned
+        from windtunnel.sweep.spec import make_pruner
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(
+            study_name=self.study,
+            storage=open_storage(self.storage),
+            pruner=make_pruner(self.pruner),
+        )
+        trial = optuna.Trial(study, self.trial_id)
+        reported: list[int] = []
+
+        def report(tokens: int, value: float) -> None:
+            if tokens not in trial.storage.get_trial(self.trial_id).intermediate_values:
+                trial.report(value, step=tokens)  # a resumed trial does not report twice
+            reported.append(tokens)
+            if len(reported) >= self.n_warmup_evals and trial.should_prune():
+                raise Pruned(f"{self.spec.objective}={value:.4f} at {tokens} tokens")
+
+        return run_trial(self.spec, report)

@@ -83,18 +83,17 @@ def trained_tokens(res: Any) -> int:
     return tps * (trunk + sum(p.total_steps - p.decay_start for p in res.points))
 
 
-def _trial_configs(spec: Any) -> tuple[int, list[list[str]]]:
-    from windtunnel.sweep.spec import grid_points
+def _trial_configs(spec: Any) -> list[Any]:
+    """The run config of every trial (searched values do not change the budget: the base)."""
+    from windtunnel.sweep.spec import grid_points, trial_template
 
-    s = spec.sweep
+    s, template = spec.sweep, trial_template(spec)
     if s.sampler.kind == "grid":
-        points = grid_points(s.space)[: s.n_trials]
-        return len(points), [s.overrides(p) for p in points]
-    return s.n_trials, [[]] * s.n_trials  # searched values do not change the budget
+        return [template.config(i, p) for i, p in enumerate(grid_points(s.space)[: s.n_trials])]
+    return [template.base] * s.n_trials
 
 
 def estimate_sweep(tf: TunnelFile, stage: str, peak: float, mfu: float) -> StageEstimate:
-    from windtunnel.cli import compose
     from windtunnel.config import resolve
     from windtunnel.tunnel.stages import sweep_spec
 
@@ -104,22 +103,17 @@ def estimate_sweep(tf: TunnelFile, stage: str, peak: float, mfu: float) -> Stage
         from windtunnel.tunnel.stages import lr_grid_overrides
 
         spec = lr_grid_overrides(spec, 1e-2, lr_factors)  # the grid's size, not its centre
-    n, configs = _trial_configs(spec)
+    configs = _trial_configs(spec)
+    n = len(configs)
     est = StageEstimate(stage=stage, enabled=True, trials=n, parallelism=spec.sweep.parallelism)
     est.jobs = math.ceil(n / max(1, spec.launcher.trials_per_job))
-    cache: dict[tuple[str, ...], tuple[float, float, str]] = {}
-    for extra in configs:
-        key = tuple(extra)
-        if key not in cache:
-            cfg = compose([*spec.run, *extra])
-            res = resolve(cfg, cfg.data.vocab_size)
-            tokens = trained_tokens(res)
-            cache[key] = (tokens, float(tokens * res.flops_per_token), cfg.model.name)
-        tokens, flops, model = cache[key]
+    for cfg in configs:
+        res = resolve(cfg, cfg.data.vocab_size)
+        tokens = trained_tokens(res)
         est.tokens += tokens
-        est.flops += flops
-        if model not in est.models:
-            est.models.append(model)
+        est.flops += float(tokens * res.flops_per_token)
+        if cfg.model.name not in est.models:
+            est.models.append(cfg.model.name)
     est.gpu_hours = est.flops / (peak * mfu) / 3600.0
     if spec.sweep.sampler.kind != "grid":
         est.note = f"{spec.sweep.sampler.kind} search counted at full budget (pruning saves)"

@@ -357,10 +357,10 @@ def _run_stage(ctx: Context, stage: str, path: Path, only: list[str] | None) -> 
 
 
 def _open_parent(tf: TunnelFile) -> tuple[Any, Any]:
-    from windtunnel.cli import compose
+    from windtunnel.compose import compose_run
     from windtunnel.tracking import open_tracker
 
-    base = compose([*tf.tunnel.run, *tf.run])
+    base = compose_run([*tf.tunnel.run, *tf.run])
     tracker = open_tracker(base.tracker)
     parent = tracker.start_run(
         run_dir=tf.folder / "parent",

@@ -14,7 +14,7 @@ A tunnel chains the stages of DESIGN §1, each a sweep spec from ``sweeps/`` (or
       plan: {budget_flops: 1e21, gpu: h100}
       skip: [batch_size]                          # or <stage>.enabled=false
 
-``windtunnel tunnel experiment=demo`` loads ``tunnels/demo.yaml``; ``tunnel.*`` and
+``windtunnel tunnel demo`` loads ``tunnels/demo.yaml``; ``tunnel.*`` and
 ``launcher*`` overrides go to the spec, every other override to every run of every stage.
 """
 
@@ -131,19 +131,18 @@ class TunnelFile:
             raise ValueError("invalid tunnel spec: " + "; ".join(problems))
 
 
-def register_tunnel_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="tunnel_schema", node=TunnelFile)
-
-
 def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelFile:
     """Compose ``tunnels/<experiment>.yaml`` (or a path) with command-line overrides."""
-    from windtunnel.sweep.spec import compose_spec_file, find_spec_file, split_overrides
+    from windtunnel.compose import compose_spec, find_spec, split_overrides
 
     own, to_run = split_overrides(overrides, ("tunnel", "launcher", "hydra"))
-    register_tunnel_configs()
-    spec = compose_spec_file(find_spec_file(experiment, "tunnels"), TunnelFile, own, "tunnel")
+    spec = compose_spec(
+        find_spec(experiment, "tunnels"),
+        TunnelFile,
+        own,
+        schema_name="tunnel_schema",
+        what="tunnel",
+    )
     spec.run = [*spec.run, *to_run]
     spec.validate()
     return spec

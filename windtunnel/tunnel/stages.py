@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from windtunnel.sweep.spec import SweepFile, as_override, grid_size, load_sweep
+from windtunnel.compose import as_override, split_overrides
+from windtunnel.sweep.spec import SweepFile, grid_size, load_sweep
+from windtunnel.sweep.trial import trial_name
 from windtunnel.tunnel.spec import SweepStage, TunnelFile
 
 
 def sweep_spec(tf: TunnelFile, stage: str, upstream: list[str]) -> SweepFile:
     """The sweep spec of ``stage``: its file, the tunnel's overrides, launcher and folder."""
-    from windtunnel.sweep.spec import split_overrides
-
     st: SweepStage = getattr(tf.tunnel, stage)
     t = tf.tunnel
     own, run = split_overrides(st.set, ("sweep", "launcher", "hydra"))
@@ -82,7 +82,7 @@ def trial_records(spec: SweepFile) -> list[dict[str, Any]]:
     study = optuna.load_study(study_name=spec.sweep.name, storage=open_storage(storage_url(spec)))
     out = []
     for t in study.get_trials(deepcopy=False):
-        run_dir = spec.folder / "runs" / f"{spec.sweep.name}-t{t.number:04d}"
+        run_dir = spec.folder / "runs" / trial_name(spec.sweep.name, t.number)
         rec: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,

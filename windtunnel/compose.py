@@ -1,0 +1,153 @@
+"""The one place where Hydra composes configs: runs, sweep specs and tunnel specs.
+
+Everything above this module (the CLI, sweeps, tunnels) asks it for typed dataclasses; everything
+below it (the trainer, workers, the fitter) never imports Hydra. Three entry points:
+
+* :func:`compose_run` — ``conf/config.yaml`` plus overrides (``model=micro_m optim.lr=3e-3``)
+  → :class:`~windtunnel.config.RunConfig`, the same path as ``windtunnel train``;
+* :func:`compose_spec` — a spec YAML (``sweeps/<name>.yaml``, ``tunnels/<name>.yaml``) whose
+  defaults may pick ``conf/`` groups (``launcher: local``), plus overrides → its schema's
+  dataclass;
+* :func:`find_spec` — a spec by name (``ladder``) or path.
+
+Composed configs become dataclasses through :func:`windtunnel.config.from_dict`, the one
+conversion used everywhere (also for configs read back from JSON).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from windtunnel.config import RunConfig, from_dict
+
+T = TypeVar("T")
+
+REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+"""``conf/`` of the checkout this package was installed from (``pip install -e .``)."""
+
+
+def conf_dir() -> Path:
+    """The folder of Hydra config groups: ``$WINDTUNNEL_CONF`` or the checkout's ``conf/``."""
+    path = Path(os.environ.get("WINDTUNNEL_CONF", REPO_CONF))
+    if not (path / "config.yaml").exists():
+        raise ValueError(
+            f"no config.yaml under {path}: run from a windtunnel checkout (pip install -e .) "
+            "or set WINDTUNNEL_CONF to a folder holding the conf/ groups"
+        )
+    return path
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Group → options, read from the conf folder (cheap: no Hydra import)."""
+    try:
+        root = conf_dir()
+    except ValueError:
+        return {}
+    return {
+        g.name: sorted(p.stem for p in g.glob("*.yaml"))
+        for g in sorted(root.iterdir())
+        if g.is_dir()
+    }
+
+
+def _register(name: str, schema: type) -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=name, node=schema)
+
+
+def _register_run_schemas() -> None:
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            cs.store(group=f.name, name=f"{f.name}_schema", node=f.default_factory)
+
+
+def _hydra_errors() -> tuple[type[Exception], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException)
+
+
+def compose_run(overrides: Sequence[str] = ()) -> RunConfig:
+    """Hydra overrides → :class:`RunConfig` (``ValueError`` with Hydra's message)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    _register_run_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = compose("config", overrides=list(overrides))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except _hydra_errors() as e:
+        raise ValueError(f"bad config or override: {e}".strip()) from None
+    assert isinstance(data, dict)
+    return from_dict(RunConfig, {k: v for k, v in data.items() if k != "hydra"})
+
+
+def compose_spec(
+    path: Path, schema: type[T], overrides: Sequence[str], *, schema_name: str, what: str
+) -> T:
+    """A spec file (with ``conf/`` on Hydra's search path) plus overrides → ``schema``.
+
+    The spec's ``defaults`` name ``schema_name`` (registered here) and may pick ``conf/`` groups
+    such as ``launcher: slurm``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    _register(schema_name, schema)
+    GlobalHydra.instance().clear()
+    search = f"hydra.searchpath=[file://{conf_dir()}]"
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
+            cfg = compose(path.stem, overrides=[search, *overrides])
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except _hydra_errors() as e:
+        raise ValueError(f"bad {what} or override: {e}") from None
+    assert isinstance(data, dict)
+    return from_dict(schema, {k: v for k, v in data.items() if k != "hydra"})
+
+
+def find_spec(path: str | Path, folder: str) -> Path:
+    """``path`` itself, or ``<folder>/<path>.yaml`` here or in the checkout for a bare name."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = conf_dir().parent / folder
+    for root in (Path(folder), shipped):  # here, then the checkout's
+        if (root / f"{p}.yaml").is_file():
+            return root / f"{p}.yaml"
+    ready = sorted(x.stem for x in shipped.glob("*.yaml"))
+    raise ValueError(f"no spec at {p}; the ready ones in {folder}/: {', '.join(ready)}")
+
+
+def split_overrides(
+    overrides: Sequence[str] | None, own: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """``(overrides of the spec itself, the rest)``: a spec's own top-level keys are ``own``."""
+    mine = [o for o in overrides or [] if o.lstrip("+~").split("=")[0].split(".")[0] in own]
+    return mine, [o for o in overrides or [] if o not in mine]
+
+
+def as_override(key: str, value: Any) -> str:
+    """A value as a Hydra override (floats keep full precision)."""
+    if isinstance(value, float):
+        return f"{key}={value!r}"
+    if isinstance(value, str) and not value.replace("_", "").replace("-", "").isalnum():
+        return f"{key}='{value}'"  # quoted unless a plain name (a config group option)
+    if isinstance(value, (list, tuple)):
+        return f"{key}=[{','.join(str(v) for v in value)}]"
+    return f"{key}={value}"

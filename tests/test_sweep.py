@@ -3,8 +3,8 @@ jobs, and resumes a study without duplicating or losing trials."""
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import signal
 import subprocess

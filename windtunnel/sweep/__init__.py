@@ -1,6 +1,6 @@
 """Sweeps: specs (``sweeps/*.yaml``), the Optuna ask/tell driver, the Ray Tune engine."""
 
 from windtunnel.sweep.driver import Driver, SweepSummary, run_sweep
-from windtunnel.sweep.spec import SweepConfig, SweepFile, load_sweep
+from windtunnel.sweep.spec import SweepConfig, SweepSpec, load_sweep
 
-__all__ = ["Driver", "SweepConfig", "SweepFile", "SweepSummary", "load_sweep", "run_sweep"]
+__all__ = ["Driver", "SweepConfig", "SweepSpec", "SweepSummary", "load_sweep", "run_sweep"]

@@ -24,7 +24,7 @@ from typing import Any
 
 from windtunnel import compat
 from windtunnel.sweep.spec import (
-    SweepFile,
+    SweepSpec,
     distributions,
     grid_points,
     grid_size,
@@ -67,7 +67,7 @@ class SweepSummary:
         return asdict(self)
 
 
-def storage_url(spec: SweepFile) -> str:
+def storage_url(spec: SweepSpec) -> str:
     if spec.sweep.storage:
         if spec.sweep.storage.startswith("sqlite") and spec.sweep.parallelism > 1:
             raise ValueError(
@@ -79,7 +79,7 @@ def storage_url(spec: SweepFile) -> str:
 
 
 class Driver:
-    def __init__(self, spec: SweepFile, *, view: Any = None) -> None:
+    def __init__(self, spec: SweepSpec, *, view: Any = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -276,7 +276,7 @@ class Driver:
             close_parent(self.parent, summary)
 
 
-def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
+def run_sweep(spec: SweepSpec, *, view: Any = None) -> SweepSummary:
     """Run (or resume) a sweep to its end with the spec's launcher."""
     if spec.sweep.engine == "ray":
         from windtunnel.sweep.ray_tune import run_ray_sweep
@@ -294,7 +294,7 @@ def run_sweep(spec: SweepFile, *, view: Any = None) -> SweepSummary:
 # -- shared by both engines (the Optuna driver and Ray Tune): the parent run -------------------
 
 
-def open_parent(spec: SweepFile, template: TrialTemplate) -> tuple[Any, Any]:
+def open_parent(spec: SweepSpec, template: TrialTemplate) -> tuple[Any, Any]:
     """``(tracker, parent run)`` of the sweep (resumes the unfinished parent in its folder)."""
     from windtunnel.tracking import open_tracker
 

@@ -45,7 +45,7 @@ from windtunnel import compat
 from windtunnel.launch.ray_launcher import RAY_ENV
 from windtunnel.sweep.driver import SweepSummary, close_parent, open_parent
 from windtunnel.sweep.spec import (
-    SweepFile,
+    SweepSpec,
     distributions,
     grid_points,
     grid_size,
@@ -172,11 +172,11 @@ def _eval_tokens(template: TrialTemplate) -> int:
     return res.eval_every_steps * res.tokens_per_step
 
 
-def _mode(spec: SweepFile) -> str:
+def _mode(spec: SweepSpec) -> str:
     return "min" if spec.sweep.direction == "minimize" else "max"
 
 
-def _scheduler(spec: SweepFile, template: TrialTemplate, record: Path) -> Any:
+def _scheduler(spec: SweepSpec, template: TrialTemplate, record: Path) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
     p = spec.sweep.pruner
@@ -194,7 +194,7 @@ def _scheduler(spec: SweepFile, template: TrialTemplate, record: Path) -> Any:
     )
 
 
-def _start_ray(spec: SweepFile, cpus: int) -> bool:
+def _start_ray(spec: SweepSpec, cpus: int) -> bool:
     """Start a private local Ray (or join ``launcher.address``); True if we started it."""
     import logging
 
@@ -217,7 +217,7 @@ def _start_ray(spec: SweepFile, cpus: int) -> bool:
     return True
 
 
-def run_ray_sweep(spec: SweepFile) -> SweepSummary:
+def run_ray_sweep(spec: SweepSpec) -> SweepSummary:
     """Run (or resume) the sweep with Ray Tune; see the module docstring."""
     s = spec.sweep
     if spec.launcher.name not in ("local", "inline", "ray"):
@@ -278,7 +278,7 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
 
 
 def _new_tuner(
-    spec: SweepFile,
+    spec: SweepSpec,
     template: TrialTemplate,
     trainable: Any,
     storage: Path,
@@ -316,7 +316,7 @@ def _new_tuner(
 
 
 def _summarize(
-    spec: SweepFile, results: list[Any], tracker: Any, parent: Any, seconds: float
+    spec: SweepSpec, results: list[Any], tracker: Any, parent: Any, seconds: float
 ) -> SweepSummary:
     s = spec.sweep
     complete: dict[int, tuple[float, dict[str, Any]]] = {}
@@ -369,7 +369,7 @@ _INTERRUPTED = (
 )
 
 
-def _review(spec: SweepFile, tracker: Any, parent: Any) -> str:
+def _review(spec: SweepSpec, tracker: Any, parent: Any) -> str:
     """Where to look at the results: the MLflow charts, else Tune's own results."""
     if tracker.tracking_uri and getattr(parent, "experiment_id", None):
         from windtunnel.tracking import mlflow_ui_url

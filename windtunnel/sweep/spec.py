@@ -27,7 +27,7 @@ PARAM_KINDS = ("float", "int", "categorical")
 
 
 @dataclass(kw_only=True)
-class ParamSpec:
+class ParamConfig:
     """One dimension of the search space (named by its key in ``sweep.space``)."""
 
     key: str = ""
@@ -48,7 +48,7 @@ class ParamSpec:
 
 
 @dataclass(kw_only=True)
-class SamplerSpec:
+class SamplerConfig:
     kind: str = "tpe"
     """``tpe``, ``random``, ``grid`` or ``cmaes``."""
     seed: int = 0
@@ -57,7 +57,7 @@ class SamplerSpec:
 
 
 @dataclass(kw_only=True)
-class PrunerSpec:
+class PrunerConfig:
     kind: str = "median"
     """``median``, ``successive_halving``, ``hyperband`` or ``none``."""
     n_startup_trials: int = 3
@@ -94,9 +94,9 @@ class SweepConfig:
     """Parent folder of sweep folders."""
     threads_per_trial: int = 0
     """torch threads per trial (0: cores / parallelism for local launchers)."""
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = field(default_factory=PrunerSpec)
-    space: dict[str, ParamSpec] = field(default_factory=dict)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    space: dict[str, ParamConfig] = field(default_factory=dict)
     """Parameter name → its range and the run-config key it sets."""
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
@@ -107,7 +107,7 @@ class SweepConfig:
 
 
 @dataclass(kw_only=True)
-class SweepFile:
+class SweepSpec:
     """A whole spec: the sweep, the launcher and the base run overrides."""
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -144,7 +144,7 @@ class SweepFile:
             raise ValueError("invalid sweep spec: " + "; ".join(problems))
 
 
-def _param_problems(p: ParamSpec, sampler: str) -> list[str]:
+def _param_problems(p: ParamConfig, sampler: str) -> list[str]:
     if p.kind not in PARAM_KINDS:
         return [f"kind={p.kind!r}: choose one of {', '.join(PARAM_KINDS)}"]
     if p.kind == "categorical":
@@ -159,7 +159,7 @@ def _param_problems(p: ParamSpec, sampler: str) -> list[str]:
     return out
 
 
-def trial_template(spec: SweepFile) -> Any:
+def trial_template(spec: SweepSpec) -> Any:
     """Compose, once, the base run of every trial (one per choice of config-group parameters,
     e.g. each ``model`` of a ladder): workers then only set fields, never compose."""
     import itertools
@@ -190,7 +190,7 @@ def trial_template(spec: SweepFile) -> Any:
     )
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     """Compose a sweep spec file with overrides.
 
     Overrides of the spec itself (``sweep.n_trials=64``, ``launcher=slurm``,
@@ -201,7 +201,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
 
     own, to_run = split_overrides(overrides, ("sweep", "launcher", "hydra"))
     spec = compose_spec(
-        find_spec(path, "sweeps"), SweepFile, own, schema_name="sweep_schema", what="sweep spec"
+        find_spec(path, "sweeps"), SweepSpec, own, schema_name="sweep_schema", what="sweep spec"
     )
     spec.run = [*spec.run, *to_run]
     spec.validate()
@@ -211,7 +211,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
 # -- Optuna objects from the spec (pure apart from Optuna's own constructors) ------------------
 
 
-def distributions(space: dict[str, ParamSpec], grid: bool = False) -> dict[str, Any]:
+def distributions(space: dict[str, ParamConfig], grid: bool = False) -> dict[str, Any]:
     import optuna.distributions as d
 
     out: dict[str, Any] = {}
@@ -243,7 +243,7 @@ def make_sampler(s: SweepConfig, seed_offset: int = 0) -> Any:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def grid_points(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
+def grid_points(space: dict[str, ParamConfig]) -> list[dict[str, Any]]:
     """Every combination of the grid values, in a fixed order."""
     import itertools
 
@@ -252,10 +252,10 @@ def grid_points(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*values)]
 
 
-def make_pruner(s: SweepConfig | PrunerSpec) -> Any:
+def make_pruner(s: SweepConfig | PrunerConfig) -> Any:
     import optuna
 
-    p = s if isinstance(s, PrunerSpec) else s.pruner
+    p = s if isinstance(s, PrunerConfig) else s.pruner
     if p.kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=0, n_min_trials=1
@@ -271,9 +271,9 @@ def make_pruner(s: SweepConfig | PrunerSpec) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def grid_size(space: dict[str, ParamSpec]) -> int:
+def grid_size(space: dict[str, ParamConfig]) -> int:
     return math.prod(len(p.grid or p.choices) for p in space.values())
 
 
-def to_plain(spec: SweepFile) -> dict[str, Any]:
+def to_plain(spec: SweepSpec) -> dict[str, Any]:
     return dataclasses.asdict(spec)

@@ -182,7 +182,7 @@ class OptunaTrial:
     number: int
     n_warmup_evals: int = 1
     pruner: Any = None
-    """The sweep's :class:`~windtunnel.sweep.spec.PrunerSpec`: Optuna keeps no pruner in its
+    """The sweep's :class:`~windtunnel.sweep.spec.PrunerConfig`: Optuna keeps no pruner in its
     storage, so a worker must be given it."""
 
     def __call__(self) -> TrialResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from windtunnel.tunnel.dryrun import DryRun, dry_run
 from windtunnel.tunnel.runner import TunnelError, run_tunnel, status
-from windtunnel.tunnel.spec import STAGES, TunnelConfig, TunnelFile, load_tunnel
+from windtunnel.tunnel.spec import STAGES, TunnelConfig, TunnelSpec, load_tunnel
 from windtunnel.tunnel.view import list_tunnels, print_status
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "DryRun",
     "TunnelConfig",
     "TunnelError",
-    "TunnelFile",
+    "TunnelSpec",
     "dry_run",
     "list_tunnels",
     "load_tunnel",

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from windtunnel.tunnel.spec import STAGES, SWEEP_STAGES, TunnelFile
+from windtunnel.tunnel.spec import STAGES, SWEEP_STAGES, TunnelSpec
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _trial_configs(spec: Any) -> list[Any]:
     return [template.base] * s.n_trials
 
 
-def estimate_sweep(tf: TunnelFile, stage: str, peak: float, mfu: float) -> StageEstimate:
+def estimate_sweep(tf: TunnelSpec, stage: str, peak: float, mfu: float) -> StageEstimate:
     from windtunnel.config import resolve
     from windtunnel.tunnel.stages import sweep_spec
 
@@ -120,7 +120,7 @@ def estimate_sweep(tf: TunnelFile, stage: str, peak: float, mfu: float) -> Stage
     return est
 
 
-def dry_run(tf: TunnelFile) -> DryRun:
+def dry_run(tf: TunnelSpec) -> DryRun:
     from windtunnel.scaling.plan import GPU_PEAK_BF16
 
     p = tf.tunnel.plan

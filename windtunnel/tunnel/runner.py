@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.tunnel import stages as st
-from windtunnel.tunnel.spec import STAGES, SWEEP_STAGES, TunnelFile
+from windtunnel.tunnel.spec import STAGES, SWEEP_STAGES, TunnelSpec
 
 
 class TunnelError(RuntimeError):
     """A tunnel cannot go on; the message says why and what to do."""
 
 
-def state_path(tf: TunnelFile) -> Path:
+def state_path(tf: TunnelSpec) -> Path:
     return tf.folder / "state.json"
 
 
@@ -63,7 +63,7 @@ def say(msg: str) -> None:
 
 @dataclasses.dataclass
 class Context:
-    tf: TunnelFile
+    tf: TunnelSpec
     state: dict[str, Any]
 
     @property
@@ -282,7 +282,7 @@ def stage_key(ctx: Context, stage: str) -> str:
 # -- the driver ---------------------------------------------------------------------------------
 
 
-def run_tunnel(tf: TunnelFile, *, only: list[str] | None = None) -> dict[str, Any]:
+def run_tunnel(tf: TunnelSpec, *, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the tunnel; return its summary (report paths, stage statuses)."""
     unknown = [s for s in only or [] if s not in STAGES]
     if unknown:
@@ -356,7 +356,7 @@ def _run_stage(ctx: Context, stage: str, path: Path, only: list[str] | None) -> 
     say(f"{stage}: done in {time.perf_counter() - t0:.0f}s")
 
 
-def _open_parent(tf: TunnelFile) -> tuple[Any, Any]:
+def _open_parent(tf: TunnelSpec) -> tuple[Any, Any]:
     from windtunnel.compose import compose_run
     from windtunnel.tracking import open_tracker
 
@@ -439,7 +439,7 @@ def ladder_charts_url(uri: str, tunnel: str) -> str:
 # -- status --------------------------------------------------------------------------------------
 
 
-def status(tf: TunnelFile) -> dict[str, Any]:
+def status(tf: TunnelSpec) -> dict[str, Any]:
     """Where a tunnel stands: each stage's status, time and headline, and the report."""
     return summarize(load_state(state_path(tf)), tf.folder, tf.enabled)
 

@@ -96,7 +96,7 @@ class TunnelConfig:
 
 
 @dataclass(kw_only=True)
-class TunnelFile:
+class TunnelSpec:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     run: list[str] = field(default_factory=list)
@@ -131,14 +131,14 @@ class TunnelFile:
             raise ValueError("invalid tunnel spec: " + "; ".join(problems))
 
 
-def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelFile:
+def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelSpec:
     """Compose ``tunnels/<experiment>.yaml`` (or a path) with command-line overrides."""
     from windtunnel.compose import compose_spec, find_spec, split_overrides
 
     own, to_run = split_overrides(overrides, ("tunnel", "launcher", "hydra"))
     spec = compose_spec(
         find_spec(experiment, "tunnels"),
-        TunnelFile,
+        TunnelSpec,
         own,
         schema_name="tunnel_schema",
         what="tunnel",

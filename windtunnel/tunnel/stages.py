@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.compose import as_override, split_overrides
-from windtunnel.sweep.spec import SweepFile, grid_size, load_sweep
+from windtunnel.sweep.spec import SweepSpec, grid_size, load_sweep
 from windtunnel.sweep.trial import trial_name
-from windtunnel.tunnel.spec import SweepStage, TunnelFile
+from windtunnel.tunnel.spec import SweepStage, TunnelSpec
 
 
-def sweep_spec(tf: TunnelFile, stage: str, upstream: list[str]) -> SweepFile:
+def sweep_spec(tf: TunnelSpec, stage: str, upstream: list[str]) -> SweepSpec:
     """The sweep spec of ``stage``: its file, the tunnel's overrides, launcher and folder."""
     st: SweepStage = getattr(tf.tunnel, stage)
     t = tf.tunnel
@@ -44,7 +44,7 @@ def sweep_spec(tf: TunnelFile, stage: str, upstream: list[str]) -> SweepFile:
     return spec
 
 
-def _stage_launcher(tf: TunnelFile, overrides: list[str]) -> Any:
+def _stage_launcher(tf: TunnelSpec, overrides: list[str]) -> Any:
     """The tunnel's launcher with a stage's own ``launcher.*`` settings on top (e.g. packing
     ``launcher.trials_per_job=8`` for the 9M search but not for the 0.5B ladder)."""
     from omegaconf import OmegaConf
@@ -56,7 +56,7 @@ def _stage_launcher(tf: TunnelFile, overrides: list[str]) -> Any:
     return OmegaConf.to_object(merged)
 
 
-def lr_grid_overrides(spec: SweepFile, lr: float, factors: list[float]) -> SweepFile:
+def lr_grid_overrides(spec: SweepSpec, lr: float, factors: list[float]) -> SweepSpec:
     """Center the lr grid of the μTransfer sweep on the μP search's optimum."""
     for name, p in spec.sweep.space.items():
         if (p.key or name) == "optim.lr":
@@ -70,7 +70,7 @@ def lr_grid_overrides(spec: SweepFile, lr: float, factors: list[float]) -> Sweep
 # -- reading a finished sweep back ------------------------------------------------------------
 
 
-def trial_records(spec: SweepFile) -> list[dict[str, Any]]:
+def trial_records(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every trial of the study with its state, params, value, intermediate values, and the
     run folder's result and config where it wrote them."""
     import optuna
@@ -99,7 +99,7 @@ def trial_records(spec: SweepFile) -> list[dict[str, Any]]:
     return out
 
 
-def mup_result(summary: dict[str, Any], spec: SweepFile) -> dict[str, Any]:
+def mup_result(summary: dict[str, Any], spec: SweepSpec) -> dict[str, Any]:
     """The μP optimum as overrides for later stages (lr, scale_emb, init_std, scale_depth)."""
     if summary.get("best_value") is None:
         raise RuntimeError(

@@ -43,15 +43,15 @@ from typing import Any
 
 from windtunnel import compat
 from windtunnel.launch.ray_launcher import RAY_ENV
-from windtunnel.sweep.driver import SweepSummary, close_parent, open_parent
+from windtunnel.sweep.parent import SweepSummary, close_parent, open_parent
 from windtunnel.sweep.spec import (
     SweepSpec,
     distributions,
     grid_points,
     grid_size,
     make_sampler,
-    trial_template,
 )
+from windtunnel.sweep.template import trial_template
 from windtunnel.sweep.trial import (
     TrialSpec,
     TrialTemplate,

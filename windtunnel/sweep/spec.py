@@ -159,37 +159,6 @@ def _param_problems(p: ParamConfig, sampler: str) -> list[str]:
     return out
 
 
-def trial_template(spec: SweepSpec) -> Any:
-    """Compose, once, the base run of every trial (one per choice of config-group parameters,
-    e.g. each ``model`` of a ladder): workers then only set fields, never compose."""
-    import itertools
-
-    from windtunnel.compose import as_override, compose_run, config_groups
-    from windtunnel.sweep.trial import TrialTemplate
-
-    s, group_names = spec.sweep, set(config_groups())
-    keys = {k: p.key or k for k, p in s.space.items()}
-    groups = tuple(k for k in s.space if keys[k] in group_names)
-    for g in groups:
-        if s.space[g].kind != "categorical":
-            raise ValueError(
-                f"sweep.space.{g} picks the config group {keys[g]}: make it categorical"
-            )
-    options = [list(dict.fromkeys([*s.space[g].choices, *s.space[g].grid])) for g in groups]
-    configs = {
-        combo: compose_run([*spec.run, *(as_override(keys[g], v) for g, v in zip(groups, combo))])
-        for combo in itertools.product(*options)
-    }
-    return TrialTemplate(
-        sweep=s.name,
-        stage=s.stage,
-        runs_dir=str((spec.folder / "runs").resolve()),
-        keys=keys,
-        groups=groups,
-        configs=configs,
-    )
-
-
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     """Compose a sweep spec file with overrides.
 

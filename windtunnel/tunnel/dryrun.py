@@ -85,7 +85,8 @@ def trained_tokens(res: Any) -> int:
 
 def _trial_configs(spec: Any) -> list[Any]:
     """The run config of every trial (searched values do not change the budget: the base)."""
-    from windtunnel.sweep.spec import grid_points, trial_template
+    from windtunnel.sweep.spec import grid_points
+    from windtunnel.sweep.template import trial_template
 
     s, template = spec.sweep, trial_template(spec)
     if s.sampler.kind == "grid":

@@ -101,13 +101,14 @@ class RestClient:
     # -- experiments ------------------------------------------------------------------------
     def get_experiment_by_name(self, name: str) -> dict[str, Any] | None:
         try:
-            return self.call("GET", "experiments/get-by-name", {"experiment_name": name})[
-                "experiment"
-            ]
+            exp: dict[str, Any] = self.call(
+                "GET", "experiments/get-by-name", {"experiment_name": name}
+            )["experiment"]
         except RestError as e:
             if e.code == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
+        return exp
 
     def get_experiment(self, experiment_id: str) -> dict[str, Any] | None:
         try:

@@ -66,7 +66,7 @@ def is_transient(exc: BaseException) -> bool:
     mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if an artifact call imported it
     if mlflow_exc is not None:
         if isinstance(exc, mlflow_exc.RestException):
-            code = exc.get_http_status_code()
+            code = int(exc.get_http_status_code())
             return code >= 500 or code == 429
         if isinstance(exc, mlflow_exc.MlflowException):
             return True

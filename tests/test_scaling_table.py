@@ -1,16 +1,14 @@
-"""Run table from CSV/parquet and from MLflow (a local SQLite store in a temp folder)."""
+"""Run table from DataFrames and CSV/parquet (from MLflow: tests/test_tracking_runs.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from windtunnel.scaling import DataModelLaw, InputError, fit_data_model
-from windtunnel.scaling.synthetic import log_points_to_mlflow, synthetic_points
-from windtunnel.scaling.table import load_table, runs_to_table, tracking_uri
+from windtunnel.scaling import DataModelLaw, InputError
+from windtunnel.scaling.synthetic import synthetic_points
+from windtunnel.scaling.table import load_curves, load_table
 
 LAW = DataModelLaw(E=1.6, A=350.0, B=900.0, alpha=0.32, beta=0.3)
 
@@ -32,100 +30,43 @@ def test_csv_and_parquet_with_column_mapping(tmp_path):
         load_table(tmp_path / "t.csv", columns={"N": "params"})
 
 
-def test_runs_to_table_follows_the_trainer_contract():
-    runs = pd.DataFrame(
-        {
-            "run_id": ["a", "b", "c", "d"],
-            "status": ["FINISHED", "FINISHED", "FAILED", "FINISHED"],
-            "tags.wt.point": ["true", "true", "true", "false"],
-            "tags.wt.failure": [None, None, "diverged", None],
-            "tags.wt.stage": ["ladder"] * 4,
-            "tags.wt.width": ["256", "512", "256", "256"],
-            "tags.wt.batch_tokens": ["65536"] * 4,
-            "metrics.N": [1e6, 4e6, 1e6, 1e6],
-            "metrics.tokens": [2e7, 8e7, 2e7, 1e7],
-            "metrics.flops": [1.2e14, 1.9e15, 1.2e14, 6e13],
-            "metrics.val_loss": [3.1, 2.8, np.nan, 3.5],
-            "metrics.val_bpb": [1.3, 1.2, np.nan, 1.5],
-            "metrics.val_bpb/code": [1.0, 0.9, np.nan, 1.2],
-            "params.optim.lr": ["0.01", "0.01", "0.01", "0.01"],
-        }
-    )
-    t = runs_to_table(runs)
-    assert list(t["run_id"]) == ["a", "b"]
-    assert {
-        "N",
-        "D",
-        "C",
-        "loss",
-        "bpb",
-        "bpb/code",
-        "lr",
-        "width",
-        "batch_tokens",
-        "stage",
-    } <= set(t)
-    assert t["lr"].dtype.kind == "f" and t["width"].tolist() == [256, 512]
+def test_load_table_takes_frames_and_files_only(tmp_path):
+    """MLflow is read by windtunnel.tracking.runs; scaling only takes its DataFrame."""
+    with pytest.raises(InputError, match=r"tracking\.runs\.runs_table"):
+        load_table("ladder")
+    df = pd.DataFrame({"N": [1e6], "C": [1.2e14], "loss": [3.0], "run_id": ["a"]})
+    assert load_table(df)["D"].tolist() == [2e7]
 
 
-def test_tracking_uri_default(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri() == "http://127.0.0.1:5055"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
-    assert tracking_uri() == "sqlite:///x.db"
-    assert tracking_uri("http://h:1") == "http://h:1"
+def test_load_curves(tmp_path):
+    curves = pd.DataFrame({"run_id": ["a"], "batch_tokens": [8], "tokens": [64], "loss": [3.0]})
+    curves.to_csv(tmp_path / "c.csv", index=False)
+    assert load_curves(tmp_path / "c.csv").equals(curves)
+    assert load_curves(curves).equals(curves)
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['loss'\]"):
+        load_curves(curves.drop(columns="loss"))
 
 
-def test_unreachable_server_is_a_clear_error(capsys):
-    from windtunnel.scaling.cli import fit_main
+def test_scaling_imports_no_tracking_mlflow_or_heavy_deps():
+    """scaling/ is pure (pandas in, results out): only cli.py reaches into windtunnel.tracking,
+    and only inside its _mlflow_* functions."""
+    import ast
+    from pathlib import Path
 
-    assert fit_main(["--input", "ladder", "--tracking-uri", "http://127.0.0.1:9"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot reach the MLflow tracking server" in err and "Traceback" not in err
+    import windtunnel.scaling
 
-
-def test_fit_from_mlflow_experiment(tmp_path, capsys):
-    pytest.importorskip("mlflow")
-    from windtunnel.scaling.cli import fit_main
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    df = synthetic_points(LAW, np.geomspace(1e7, 1e9, 4), (10, 20, 40), noise=0.002)
-    art = (tmp_path / "artifacts").as_uri()
-    exp_id = log_points_to_mlflow(df, "ladder-test", uri=uri, artifact_location=art)
-    t = load_table("ladder-test", uri=uri)
-    assert len(t) == len(df) and {"bpb/english", "lr", "width", "stage"} <= set(t)
-    assert load_table(exp_id, uri=uri).shape == t.shape  # by id as well
-    f = fit_data_model(t, target="bpb")
-    assert f.alpha == pytest.approx(0.32, abs=0.06)
-    rc = fit_main(["--input", "ladder-test", "--tracking-uri", uri, "--target", "bpb",
-                   "--bootstrap", "10", "--json", "--out", str(tmp_path / "fit")])  # fmt: skip
-    assert rc == 0
-    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert s["target"] == "bpb"
-    # the fit and its plots were recorded in the experiment
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(tracking_uri=uri).get_run(s["mlflow_run_id"])
-    assert run.data.tags["wt.kind"] == "fit" and "fit.alpha" in run.data.metrics
-    assert len(load_table("ladder-test", uri=uri)) == len(df)  # the fit run is not a point
-    assert any((tmp_path / "artifacts").rglob("fit.json"))
-    assert fit_main(["--input", "no-such-exp", "--tracking-uri", uri]) == 2
-    assert "no MLflow experiment" in capsys.readouterr().err
-
-    # loss curves (evaluation history) for the batch-size law
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from windtunnel.scaling.table import read_curves
-
-    client = MlflowClient(tracking_uri=uri)
-    bs_exp = client.create_experiment("bs-sweep", artifact_location=art)
-    for b in (2**15, 2**17, 2**19):
-        run = client.create_run(bs_exp, tags={"wt.batch_tokens": str(b), "wt.N": "1e6"})
-        steps = range(1, 6)
-        ms = [Metric("val_loss", 4.0 - 0.1 * s, 0, s) for s in steps]
-        ms += [Metric("tokens", float(s * b), 0, s) for s in steps]
-        client.log_batch(run.info.run_id, metrics=ms)
-    curves = read_curves("bs-sweep", uri=uri)
-    assert len(curves) == 15 and set(curves["batch_tokens"]) == {2**15, 2**17, 2**19}
-    assert curves.loc[curves.batch_tokens == 2**15, "tokens"].max() == 5 * 2**15
+    banned = ("windtunnel.tracking", "windtunnel.cli", "mlflow", "optuna", "torch")
+    for path in sorted(Path(windtunnel.scaling.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.startswith(banned):
+                    assert path.name == "cli.py" and name == "windtunnel.tracking.runs", (
+                        f"{path.name} imports {name}"
+                    )

@@ -49,7 +49,7 @@ def allocation_exponents(law: DataModelLaw) -> tuple[float, float]:
 
 
 def _G(law: DataModelLaw) -> float:
-    return (law.alpha * law.A / (law.beta * law.B)) ** (1.0 / (law.alpha + law.beta))
+    return float((law.alpha * law.A / (law.beta * law.B)) ** (1.0 / (law.alpha + law.beta)))
 
 
 def compute_optimal(

@@ -139,7 +139,7 @@ def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(
-    fit_file: dict[str, Any], df: pd.DataFrame, fit: DataModelFit, boot: Any, extras: dict,
+    fit_file: dict[str, Any], df: pd.DataFrame, fit: DataModelFit, boot: Any, extras: dict[str, Any],
     out: Path, *, target: str,
 ) -> list[Path]:  # fmt: skip
     """Write ``fit.json``, the run table and the plots into ``out``; return the paths."""

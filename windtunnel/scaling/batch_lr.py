@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -177,7 +177,7 @@ def mutransfer_check(
             raise InputError(f"column {col!r} not in the table")
     rows = []
     for w, g in df.groupby(width_col):
-        g = g.groupby(lr_col, as_index=False)[target].mean().sort_values(lr_col)
+        g = g.groupby(lr_col, as_index=False)[[target]].mean().sort_values(lr_col)
         llr = np.log(g[lr_col].to_numpy(dtype=float))
         y = g[target].to_numpy(dtype=float)
         i = int(np.argmin(y))
@@ -191,7 +191,7 @@ def mutransfer_check(
                 yopt = float(np.polyval([q2, q1, q0], lopt))
         rows.append(
             {
-                "width": float(w),
+                "width": float(cast("float", w)),
                 "lr_opt": float(np.exp(lopt)),
                 "loss_opt": float(yopt),
                 "n_lrs": len(y),

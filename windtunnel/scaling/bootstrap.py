@@ -58,7 +58,8 @@ class BootstrapResult:
     def predict(self, N: float, D: float) -> np.ndarray:
         """Per-replicate predicted loss at (N, D)."""
         E, A, B, al, be = self.samples.T
-        return E + A * N ** (-al) + B * D ** (-be)
+        loss: np.ndarray = E + A * N ** (-al) + B * D ** (-be)
+        return loss
 
     def interval(self, values: np.ndarray) -> tuple[float, float]:
         q = (1.0 - self.level) / 2.0
@@ -127,7 +128,8 @@ def bootstrap_points(
     if fit is None:
         fit = fit_points(N, D, loss, delta=delta)
     rng = np.random.default_rng(seed)
-    rows, failures = [], []
+    rows: list[tuple[float, float, float, float, float]] = []
+    failures: list[str] = []
     with single_threaded_blas():
         _replicates(N, D, loss, fit, rng, n_boot, delta, grid, rows, failures, lazy)
     if not rows:
@@ -144,13 +146,30 @@ def bootstrap_points(
     )
 
 
-def _replicates(N, D, loss, fit, rng, n_boot, delta, grid, rows, failures, lazy) -> None:
+def _replicates(
+    N: np.ndarray,
+    D: np.ndarray,
+    loss: np.ndarray,
+    fit: DataModelFit,
+    rng: np.random.Generator,
+    n_boot: int,
+    delta: float,
+    grid: Any,
+    rows: list[tuple[float, float, float, float, float]],
+    failures: list[str],
+    lazy: bool,
+) -> None:
     n = len(loss)
     for _ in range(n_boot):
         counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
         keep = counts > 0
         args = (N[keep], D[keep], loss[keep])
-        kw = {"weights": counts[keep], "delta": delta, "x0": [fit.law], "check": False}
+        kw: dict[str, Any] = {
+            "weights": counts[keep],
+            "delta": delta,
+            "x0": [fit.law],
+            "check": False,
+        }
         try:
             f = fit_points(*args, grid=grid, n_polish=1, lazy=lazy, **kw)
         except ScalingError:

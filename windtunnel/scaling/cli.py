@@ -1,6 +1,10 @@
 """``windtunnel fit`` and ``windtunnel plan`` (argparse; the main CLI dispatches here).
 
 Both return an exit code. User errors print one line on stderr and return 2, no traceback.
+
+The CLI layer of :mod:`windtunnel.scaling`: with an MLflow experiment as input it reads the
+points through :mod:`windtunnel.tracking.runs`, imported inside the ``_mlflow_*`` functions only
+(the rest of ``scaling`` never imports ``windtunnel.tracking`` or mlflow).
 """
 
 from __future__ import annotations
@@ -8,9 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from windtunnel.scaling.errors import ScalingError
+from windtunnel.scaling.errors import InputError, ScalingError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from windtunnel.scaling.batch_lr import BatchSizeLaw
 
 FIT_EPILOG = """\
 examples:
@@ -119,7 +130,7 @@ def fit_main(argv: list[str]) -> int:
     """Entry point of ``windtunnel fit``."""
     args = _fit_parser().parse_args(argv)
     from windtunnel.scaling.analyze import analyze, json_summary, write_outputs
-    from windtunnel.scaling.table import is_mlflow_source, load_table, log_fit_to_mlflow
+    from windtunnel.scaling.table import is_mlflow_source, load_table
 
     cols = {
         k: v
@@ -132,11 +143,11 @@ def fit_main(argv: list[str]) -> int:
         if v
     }
     budgets = tuple(args.budget or (1e21,))
+    from_mlflow = is_mlflow_source(args.input)
     try:
         df = load_table(
-            args.input,
+            _mlflow_points(args.input, args.tracking_uri) if from_mlflow else args.input,
             columns=cols,
-            uri=args.tracking_uri,
             flops_per_param_token=args.flops_per_param_token,
         )
         if args.stage is not None:
@@ -169,7 +180,7 @@ def fit_main(argv: list[str]) -> int:
         if args.batch_curves:
             bs_law = _batch_law(args)
             fit_file["batch_size_law"] = bs_law.to_dict()
-        paths = []
+        paths: list[Path] = []
         summary = json_summary(fit_file)
         if bs_law is not None:
             summary["batch_size_law"] = bs_law.to_dict()
@@ -179,9 +190,9 @@ def fit_main(argv: list[str]) -> int:
                 from windtunnel.scaling import plots
 
                 paths.append(plots.batch_size_law(bs_law, args.out))
-            if is_mlflow_source(args.input) and not args.no_log_mlflow:
-                summary["mlflow_run_id"] = log_fit_to_mlflow(
-                    args.input, paths, summary, uri=args.tracking_uri
+            if from_mlflow and not args.no_log_mlflow:
+                summary["mlflow_run_id"] = _mlflow_log_fit(
+                    args.input, paths, summary, args.tracking_uri
                 )
     except ScalingError as e:
         return _err(str(e))
@@ -197,13 +208,48 @@ def fit_main(argv: list[str]) -> int:
     return 0
 
 
-def _batch_law(args):
+# -- MLflow input: the one place scaling reaches into windtunnel.tracking (imported lazily) ------
+
+
+def _mlflow_points(experiment: str, uri: str | None) -> pd.DataFrame:
+    from windtunnel.tracking.runs import RunsError, runs_table
+
+    try:
+        return runs_table(experiment, uri=uri)
+    except RunsError as e:
+        raise InputError(str(e)) from None
+
+
+def _mlflow_curves(experiment: str, uri: str | None) -> pd.DataFrame:
+    from windtunnel.tracking.runs import RunsError, curves_table
+
+    try:
+        return curves_table(experiment, uri=uri)
+    except RunsError as e:
+        raise InputError(str(e)) from None
+
+
+def _mlflow_log_fit(
+    experiment: str, files: list[Path], summary: Mapping[str, Any], uri: str | None
+) -> str:
+    from windtunnel.tracking.runs import RunsError, log_fit
+
+    try:
+        return log_fit(experiment, files, summary, uri=uri)
+    except RunsError as e:
+        raise InputError(str(e)) from None
+
+
+def _batch_law(args: argparse.Namespace) -> BatchSizeLaw:
     import numpy as np
 
     from windtunnel.scaling.batch_lr import batch_size_law_iso_loss
-    from windtunnel.scaling.table import read_curves
+    from windtunnel.scaling.table import is_mlflow_source, load_curves
 
-    curves = read_curves(args.batch_curves, uri=args.tracking_uri)
+    if is_mlflow_source(args.batch_curves):
+        curves = _mlflow_curves(args.batch_curves, args.tracking_uri)
+    else:
+        curves = load_curves(args.batch_curves)
     if curves.empty:
         raise ScalingError(f"no loss curves found in {args.batch_curves!r}")
     if args.batch_levels:
@@ -218,13 +264,13 @@ def _batch_law(args):
     return batch_size_law_iso_loss(curves, levels, group_col=group)
 
 
-def _fmt_iv(iv, k):
+def _fmt_iv(iv: Mapping[str, Any], k: str) -> str:
     if k in iv:
         return f"  [{iv[k][0]:.4g}, {iv[k][1]:.4g}]"
     return ""
 
 
-def _print_human(s: dict, budgets) -> None:
+def _print_human(s: Mapping[str, Any], budgets: Iterable[float]) -> None:
     iv = s.get("intervals", {})
     print(f"fitted {s['target']} = E + A/N^alpha + B/D^beta on {s['n_points']} points")
     for k in ("E", "A", "B", "alpha", "beta", "a", "b"):

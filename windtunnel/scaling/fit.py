@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +129,7 @@ class DataModelFit:
 class _Problem:
     """Huber objective on log residuals, with per-point weights (bootstrap counts)."""
 
-    def __init__(self, N, D, loss, weights, delta):
+    def __init__(self, N: np.ndarray, D: np.ndarray, loss: Any, weights: Any, delta: float) -> None:
         self.logN = np.log(N)
         self.logD = np.log(D)
         self.L = np.asarray(loss, dtype=float)
@@ -136,13 +137,14 @@ class _Problem:
         self.w = np.ones_like(self.L) if weights is None else np.asarray(weights, dtype=float)
         self.delta = delta
 
-    def residuals(self, theta):
-        return lse_log_loss(theta, self.logN, self.logD) - self.logL
+    def residuals(self, theta: np.ndarray) -> np.ndarray:
+        r: np.ndarray = lse_log_loss(theta, self.logN, self.logD) - self.logL
+        return r
 
-    def value(self, theta) -> float:
+    def value(self, theta: np.ndarray) -> float:
         return float(np.dot(self.w, huber(self.residuals(theta), self.delta)))
 
-    def value_and_grad(self, theta):
+    def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         a, b, e, alpha, beta = theta
         z1 = a - alpha * self.logN
         z2 = b - beta * self.logD
@@ -152,7 +154,7 @@ class _Problem:
         r = m + np.log(s) - self.logL
         ar = np.abs(r)
         d = self.delta
-        f = np.dot(self.w, np.where(ar <= d, 0.5 * r * r, d * (ar - 0.5 * d)))
+        f = float(np.dot(self.w, np.where(ar <= d, 0.5 * r * r, d * (ar - 0.5 * d))))
         g = self.w * np.clip(r, -d, d) / s
         g1, g2 = g * e1, g * e2
         grad = np.array([g1.sum(), g2.sum(), (g * e3).sum(), -(g1 @ self.logN), -(g2 @ self.logD)])
@@ -179,7 +181,9 @@ def _nnls3(M: np.ndarray, v: np.ndarray) -> np.ndarray:
     return best
 
 
-def _profile_grid(prob: _Problem, alphas, betas, irls_iters: int = 3):
+def _profile_grid(
+    prob: _Problem, alphas: np.ndarray, betas: np.ndarray, irls_iters: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Variable projection: for each (α, β) the best non-negative (E, A, B) → objective."""
     al, be = (x.ravel() for x in np.meshgrid(alphas, betas, indexing="ij"))
     X1 = np.exp(-al[:, None] * prob.logN[None, :])
@@ -201,7 +205,7 @@ def _profile_grid(prob: _Problem, alphas, betas, irls_iters: int = 3):
     return f, al, be, coef
 
 
-def _theta(E, A, B, alpha, beta, floor):
+def _theta(E: float, A: float, B: float, alpha: float, beta: float, floor: float) -> np.ndarray:
     return np.array(
         [math.log(max(A, floor)), math.log(max(B, floor)), math.log(max(E, floor)), alpha, beta]
     )
@@ -221,7 +225,7 @@ def _basin_minima(f: np.ndarray, shape: tuple[int, int], k: int) -> list[int]:
     return [best, *[int(c) for c in cand if c != best]][:k]
 
 
-def _bounds(prob: _Problem):
+def _bounds(prob: _Problem) -> list[tuple[float, float]]:
     top = float(np.log(prob.L.max())) + 1.0
     return [(-60.0, 400.0), (-60.0, 400.0), (-40.0, top), (1e-4, 5.0), (1e-4, 5.0)]
 
@@ -230,7 +234,7 @@ _SINGLE_THREADED = False
 
 
 @contextlib.contextmanager
-def single_threaded_blas():
+def single_threaded_blas() -> Iterator[None]:
     """Limit BLAS to one thread: L-BFGS-B's tiny matrix work slows down 10× on a busy machine
     when BLAS spins several threads (measured on 2 cores). No-op without ``threadpoolctl``."""
     global _SINGLE_THREADED
@@ -250,11 +254,17 @@ def single_threaded_blas():
             _SINGLE_THREADED = False
 
 
-def _polish(prob: _Problem, theta0, scale, maxiter, bounds):
+def _polish(
+    prob: _Problem,
+    theta0: np.ndarray,
+    scale: float,
+    maxiter: int,
+    bounds: list[tuple[float, float]],
+) -> tuple[np.ndarray, float, int, Any]:
     """L-BFGS-B on the normalized objective, restarted while it keeps improving."""
     from scipy.optimize import minimize
 
-    def fg(t):
+    def fg(t: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = prob.value_and_grad(t)
         return f / scale, g / scale
 
@@ -281,7 +291,9 @@ def _polish(prob: _Problem, theta0, scale, maxiter, bounds):
     return x, fx, used, res
 
 
-def _projected_grad(prob, theta, scale, bounds):
+def _projected_grad(
+    prob: _Problem, theta: np.ndarray, scale: float, bounds: list[tuple[float, float]]
+) -> float:
     g = prob.value_and_grad(theta)[1] / scale
     lo = np.array([b[0] for b in bounds])
     hi = np.array([b[1] for b in bounds])
@@ -340,7 +352,7 @@ def fit_points(
 
     f_grid, al, be, coef = _profile_grid(prob, alphas, betas)
     picks = _basin_minima(f_grid, (len(alphas), len(betas)), n_polish)
-    starts = [_theta(*coef[i], al[i], be[i], floor) for i in picks]
+    starts = [_theta(coef[i, 0], coef[i, 1], coef[i, 2], al[i], be[i], floor) for i in picks]
     for law in x0 or []:
         starts.append(_theta(law.E, law.A, law.B, law.alpha, law.beta, floor))
     values0 = [prob.value(t) for t in starts]
@@ -351,7 +363,7 @@ def fit_points(
     da = float(np.max(np.diff(alphas))) if len(alphas) > 1 else 0.1
     db = float(np.max(np.diff(betas))) if len(betas) > 1 else 0.1
 
-    results = []
+    results: list[tuple[float, np.ndarray, int, Any, np.ndarray]] = []
     order = list(range(len(starts)))
     if lazy and x0:  # user starts first; grid starts only where they could beat them
         order = list(range(len(picks), len(starts))) + list(range(len(picks)))

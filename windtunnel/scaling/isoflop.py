@@ -178,7 +178,7 @@ def fit_loss_vs_compute(C: Any, L: Any) -> SaturatingPowerLaw:
     x = C / np.exp(np.mean(np.log(C)))  # scale for conditioning
     w = 1.0 / L
 
-    def solve(g):
+    def solve(g: float) -> tuple[float, np.ndarray]:
         X = np.stack([np.ones_like(x), x ** (-g)], axis=1) * w[:, None]
         y = L * w
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)

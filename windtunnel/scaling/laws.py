@@ -92,13 +92,15 @@ def lse_log_loss(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray) -> np.nd
     z2 = b - beta * logD
     z3 = np.full_like(z1, e)
     m = np.maximum(np.maximum(z1, z2), z3)
-    return m + np.log(np.exp(z1 - m) + np.exp(z2 - m) + np.exp(z3 - m))
+    out: np.ndarray = m + np.log(np.exp(z1 - m) + np.exp(z2 - m) + np.exp(z3 - m))
+    return out
 
 
 def huber(r: np.ndarray, delta: float) -> np.ndarray:
     """Huber function: ``r²/2`` inside ``|r| ≤ δ``, ``δ·(|r| − δ/2)`` outside."""
     ar = np.abs(r)
-    return np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta))
+    out: np.ndarray = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta))
+    return out
 
 
 @dataclass(frozen=True)
@@ -136,4 +138,5 @@ def gadre_overtraining(
     """
     N = np.asarray(N, dtype=float)
     M = np.asarray(M, dtype=float)
-    return a * N**eta + b * 6.0 ** (eta / 2) * (M * N) ** eta + E
+    out: np.ndarray = a * N**eta + b * 6.0 ** (eta / 2) * (M * N) ** eta + E
+    return out

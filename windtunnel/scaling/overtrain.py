@@ -48,7 +48,9 @@ def fit_overtraining(N: Any, M: Any, loss: Any) -> OvertrainingFit:
     if len(y) < 4:
         raise TooFewPointsError("the over-training law has 4 parameters: give at least 4 points")
 
-    def f(x, a, b, eta, E):
+    X = np.vstack([N, M])  # curve_fit's xdata: row 0 is N, row 1 is M
+
+    def f(x: np.ndarray, a: float, b: float, eta: float, E: float) -> np.ndarray:
         return gadre_overtraining(x[0], x[1], a, b, eta, E)
 
     best = None
@@ -56,10 +58,10 @@ def fit_overtraining(N: Any, M: Any, loss: Any) -> OvertrainingFit:
         warnings.simplefilter("ignore")
         for p0 in itertools.product(*P0_GRID):
             try:
-                p, _ = curve_fit(f, (N, M), y, p0=list(p0), maxfev=10000)
+                p, _ = curve_fit(f, X, y, p0=list(p0), maxfev=10000)
             except (RuntimeError, ValueError):
                 continue
-            r = y - f((N, M), *p)
+            r = y - f(X, *p)
             res = float(np.sqrt(np.sum(r**2) / max(r.size - 2, 1)))
             if np.isfinite(res) and (best is None or res < best[0]):
                 best = (res, p)

@@ -221,10 +221,10 @@ def load_fit_file(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise InputError(f"no fit file at {p}; run `windtunnel fit --out DIR` first")
     try:
-        data = json.loads(p.read_text())
+        data: dict[str, Any] = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{p} is not a fit file (invalid JSON: {e})") from None
-    if data.get("kind") != "windtunnel.scaling.fit":
+    if not isinstance(data, dict) or data.get("kind") != "windtunnel.scaling.fit":
         raise InputError(f"{p} is not a windtunnel fit file")
     return data
 
@@ -289,6 +289,7 @@ def make_plan(
         al = optimal_for_params(law, float(params))
         N_t, D_t = float(params), al.D_opt
     else:
+        assert tokens is not None  # one of the three is given (checked above)
         al = optimal_for_tokens(law, float(tokens))
         N_t, D_t = al.N_opt, float(tokens)
     label, shape = choose_shape(N_t, vocab_size=vocab_size)

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 
-def _plt():
+def _plt() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -18,7 +19,7 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> Path:
+def _save(fig: Any, out: Path, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     p = out / name
     fig.tight_layout()
@@ -80,7 +81,7 @@ def lr_sweeps(df: pd.DataFrame, check: Any, out: Path, *, target: str = "loss") 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for w, g in df.groupby("width"):
-        g = g.groupby("lr", as_index=False)[target].mean()
+        g = g.groupby("lr", as_index=False)[[target]].mean()
         ax.plot(g["lr"], g[target], "o-", ms=3, label=f"width {w:g}")
     for _, r in check.table.iterrows():
         ax.axvline(r["lr_opt"], color="grey", lw=0.5)

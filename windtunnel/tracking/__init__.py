@@ -8,6 +8,9 @@
 
 A run started in a ``run_dir`` that holds an unfinished run's journal resumes that run (same
 ``run_id``, same MLflow run). Nothing here imports mlflow at import time.
+
+Reading runs back (the points table of a ladder, loss curves) and recording fits is
+:mod:`windtunnel.tracking.runs` (imports pandas; not imported here).
 """
 
 from __future__ import annotations
@@ -27,18 +30,22 @@ from windtunnel.tracking.journal import (
 )
 from windtunnel.tracking.replay import ReplayResult, replay_journal
 from windtunnel.tracking.server import (
+    DEFAULT_URI,
     ServerError,
     ServerStatus,
     ensure_server,
+    is_healthy,
     mlflow_ui_url,
     server_status,
     stop_server,
+    tracking_uri,
 )
 
 if TYPE_CHECKING:
     from windtunnel.config import TrackerConfig
 
 __all__ = [
+    "DEFAULT_URI",
     "STATUSES",
     "JournalRun",
     "JsonlTracker",
@@ -51,11 +58,13 @@ __all__ = [
     "Tracker",
     "ensure_server",
     "flatten_params",
+    "is_healthy",
     "mlflow_ui_url",
     "open_tracker",
     "replay_journal",
     "server_status",
     "stop_server",
+    "tracking_uri",
 ]
 
 

@@ -1,4 +1,5 @@
-"""A small client for MLflow's REST API: what the run journal needs, without ``import mlflow``.
+"""A small client for MLflow's REST API: what the run journal and reading runs back need,
+without ``import mlflow``.
 
 Importing mlflow costs a trial process 1–2 s of CPU (measured, docs/benchmarks.md), which is a
 share of a short proxy trial worth saving: every trial creates a run, logs a batch of params,
@@ -20,7 +21,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ def metric(key: str, value: float, timestamp: int, step: int) -> dict[str, Any]:
 
 
 class RestClient:
-    """The subset of :class:`mlflow.MlflowClient` that delivering a journal uses."""
+    """The subset of :class:`mlflow.MlflowClient` that delivering a journal and reading runs
+    back (:mod:`windtunnel.tracking.runs`) use. Answers are MLflow's JSON as dicts (a run is
+    ``{"info": {...}, "data": {"metrics": [{"key", "value", ...}], "params": [...],
+    "tags": [...]}}``)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
@@ -97,16 +101,31 @@ class RestClient:
     # -- experiments ------------------------------------------------------------------------
     def get_experiment_by_name(self, name: str) -> dict[str, Any] | None:
         try:
-            return self.call("GET", "experiments/get-by-name", {"experiment_name": name})[
-                "experiment"
-            ]
+            exp: dict[str, Any] = self.call(
+                "GET", "experiments/get-by-name", {"experiment_name": name}
+            )["experiment"]
         except RestError as e:
             if e.code == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
+        return exp
 
-    def create_experiment(self, name: str) -> str:
-        return str(self.call("POST", "experiments/create", {"name": name})["experiment_id"])
+    def get_experiment(self, experiment_id: str) -> dict[str, Any] | None:
+        try:
+            exp: dict[str, Any] = self.call(
+                "GET", "experiments/get", {"experiment_id": experiment_id}
+            )["experiment"]
+        except RestError as e:
+            if e.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return exp
+
+    def create_experiment(self, name: str, artifact_location: str | None = None) -> str:
+        body = {"name": name}
+        if artifact_location:
+            body["artifact_location"] = artifact_location
+        return str(self.call("POST", "experiments/create", body)["experiment_id"])
 
     def restore_experiment(self, experiment_id: str) -> None:
         self.call("POST", "experiments/restore", {"experiment_id": experiment_id})
@@ -134,6 +153,53 @@ class RestClient:
         }
         runs = self.call("POST", "runs/search", body).get("runs", [])
         return [r["info"]["run_id"] for r in runs]
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        order_by: Sequence[str] = (),
+        page_size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Every active run of the experiments that matches ``filter_string``, fetched page by
+        page (``page_size`` runs a request, at most 50000)."""
+        token = ""
+        while True:
+            body: dict[str, Any] = {
+                "experiment_ids": list(experiment_ids),
+                "filter": filter_string,
+                "max_results": page_size,
+                "order_by": list(order_by),
+            }
+            if token:
+                body["page_token"] = token
+            page = self.call("POST", "runs/search", body)
+            yield from page.get("runs", [])
+            token = page.get("next_page_token", "")
+            if not token:
+                return
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        run: dict[str, Any] = self.call("GET", "runs/get", {"run_id": run_id})["run"]
+        return run
+
+    def get_metric_history(
+        self, run_id: str, key: str, *, page_size: int = 25_000
+    ) -> list[dict[str, Any]]:
+        """Every point of metric ``key`` of the run (``{"key", "value", "timestamp", "step"}``;
+        a non-finite value comes as the string ``"NaN"``/``"Infinity"``), page by page."""
+        points: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query: dict[str, Any] = {"run_id": run_id, "metric_key": key, "max_results": page_size}
+            if token:
+                query["page_token"] = token
+            page = self.call("GET", "metrics/get-history", query)
+            points.extend(page.get("metrics", []))
+            token = page.get("next_page_token", "")
+            if not token:
+                return points
 
     def log_batch(
         self,

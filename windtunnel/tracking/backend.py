@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from windtunnel.tracking.api import RestClient, RestError, kv
+from windtunnel.tracking.server import is_healthy
 
 log = logging.getLogger("windtunnel.tracking")
 
@@ -53,16 +52,9 @@ def configure_client_env() -> None:
 
 
 def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Cheap reachability check (``GET /health``) before paying for MLflow's own requests."""
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return True
-    except urllib.error.HTTPError as e:
-        return e.code < 500  # answering, even if /health is not its path
-    except (OSError, ValueError):
-        return False
+    """Cheap reachability check before paying for MLflow's own requests: any answer on
+    ``/health`` below 500 counts (:func:`~windtunnel.tracking.server.is_healthy`, not strict)."""
+    return is_healthy(uri, timeout, strict=False)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -74,7 +66,7 @@ def is_transient(exc: BaseException) -> bool:
     mlflow_exc = sys.modules.get("mlflow.exceptions")  # only if an artifact call imported it
     if mlflow_exc is not None:
         if isinstance(exc, mlflow_exc.RestException):
-            code = exc.get_http_status_code()
+            code = int(exc.get_http_status_code())
             return code >= 500 or code == 429
         if isinstance(exc, mlflow_exc.MlflowException):
             return True

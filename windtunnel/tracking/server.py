@@ -31,6 +31,9 @@ SERVER_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
+DEFAULT_PORT = 5055
+"""Port of the local server (``tracker.port``'s default)."""
+
 _STARTED: dict[str, subprocess.Popen[bytes]] = {}
 """Servers started by this process (kept so that Python never warns about them)."""
 
@@ -39,14 +42,34 @@ class ServerError(RuntimeError):
     """The local MLflow server could not be started."""
 
 
-def local_uri(port: int) -> str:
+def local_uri(port: int = DEFAULT_PORT) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def is_healthy(uri: str, timeout: float = 2.0) -> bool:
+DEFAULT_URI = local_uri(DEFAULT_PORT)
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to read from or write to: ``uri``, else ``$MLFLOW_TRACKING_URI``, else
+    the local server (``http://127.0.0.1:5055``)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def is_healthy(uri: str, timeout: float = 2.0, *, strict: bool = True) -> bool:
+    """Whether the MLflow server at ``uri`` answers ``GET /health`` (the one health check).
+
+    ``strict``: only a 200 counts (the local server answering, for :func:`ensure_server`);
+    otherwise any answer below 500 does (a remote server or proxy without a ``/health`` path is
+    still answering). A URI that is not HTTP (``sqlite:``, ``file:``, a folder) names a store
+    with no server in between: always True.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return True
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
+            return not strict or r.status == 200
+    except urllib.error.HTTPError as e:
+        return not strict and e.code < 500
     except (OSError, ValueError):
         return False
 

@@ -402,8 +402,8 @@ def test_slurm_parameters_pure_and_validated():
         try:
             from_cfg = slurm_parameters(LauncherConfig(name="slurm", **{option: value}))
         except ValueError as e:
-            assert f"does not take option(s) ['{option}']; valid options:" in str(e)
-            with pytest.raises(ValueError, match="valid options"):
+            assert option in str(e)  # the refusal names the option
+            with pytest.raises(ValueError, match=option):
                 slurm_parameters({option: value})
             refused.add(option)
         else:

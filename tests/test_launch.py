@@ -9,6 +9,8 @@ Regenerate the SLURM golden file with ``WINDTUNNEL_UPDATE_GOLDEN=1 pytest tests/
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -36,7 +38,7 @@ from windtunnel.launch import (
 from windtunnel.launch.base import Outcome, launcher_class
 from windtunnel.launch.checkpoint import Requeueable
 from windtunnel.launch.pack import PackRunner
-from windtunnel.launch.slurm import SLURM_OPTIONS, sbatch_script, slurm_parameters
+from windtunnel.launch.slurm import sbatch_script, slurm_parameters
 
 pytest_plugins = ["fixtures_services"]
 pytestmark = pytest.mark.timeout(300)
@@ -328,17 +330,87 @@ def test_slurm_parameters_golden():
     assert entries == expected, "SLURM parameters changed: WINDTUNNEL_UPDATE_GOLDEN=1 regenerates"
 
 
+OPTION_SAMPLES = {  # a valid, non-default value of every launcher option
+    "trials_per_job": 2,
+    "max_workers": 2,
+    "oversubscribe": True,
+    "prewarm": False,
+    "folder": "/tmp/jobs",
+    "job_name": "wt",
+    "partition": "gpu",
+    "gpus_per_node": 1,
+    "cpus_per_task": 2,
+    "mem_gb": 1.5,
+    "timeout_min": 30,
+    "array_parallelism": 2,
+    "account": "lm",
+    "qos": "high",
+    "constraint": "h100",
+    "setup": ["true"],
+    "extra_sbatch": {"exclusive": True},
+    "signal_delay_s": 60,
+    "max_num_timeout": 2,
+    "checkpointable": False,
+    "python": "python3",
+    "poll_interval_s": 1.0,
+    "address": "auto",
+    "gpus_per_task": 0.5,
+}
+
+
 def test_slurm_parameters_pure_and_validated():
-    cfg = LauncherConfig(name="slurm", partition="gpu", timeout_min=30)
-    assert slurm_parameters(cfg) == slurm_parameters(cfg)  # no hidden state
-    assert slurm_parameters(cfg)["time"] == 30
+    cfg = LauncherConfig(
+        name="slurm",
+        partition="gpu",
+        timeout_min=30,
+        setup=["module load cuda"],
+        extra_sbatch={"exclusive": True},
+    )
+    before = copy.deepcopy(cfg)
+    expected = {
+        "job_name": "windtunnel",
+        "time": 30,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "signal_delay_s": 90,
+        "partition": "gpu",
+        "setup": ["module load cuda"],
+        "additional_parameters": {"exclusive": True},
+    }
+    first = slurm_parameters(cfg)
+    assert first == expected
+    # pure: the config is left as it was, and the result shares nothing with it or with later
+    # calls (a launcher editing its parameters must not change the config or the next launcher)
+    first["setup"].append("module load gcc")
+    first["additional_parameters"]["mail-type"] = "END"
+    first["time"] = 1
+    assert cfg == before
+    assert slurm_parameters(cfg) == expected
+    slurm_parameters({"timeout_min": 5, "partition": "low", "setup": ["true"]})
+    assert slurm_parameters(cfg) == expected  # nothing carried over from another call
     with pytest.raises(ValueError, match="valid options"):
         slurm_parameters({"partition": "gpu", "address": "auto"})
     with pytest.raises(ValueError, match="shorter than the time limit"):
         slurm_parameters({"timeout_min": 1})
     with pytest.raises(ValueError, match="use the launcher option"):
         slurm_parameters({"extra_sbatch": {"partition": "x"}})
-    assert set(SLURM_OPTIONS) == set(launcher_class("slurm").OPTIONS)
+    # validated against exactly the options the slurm launcher takes: every one is accepted, and
+    # every other launcher's option is refused, from a config as from a plain mapping
+    accepted, refused = set(), set()
+    assert set(OPTION_SAMPLES) == {f.name for f in dataclasses.fields(LauncherConfig)} - {"name"}
+    for option, value in OPTION_SAMPLES.items():
+        try:
+            from_cfg = slurm_parameters(LauncherConfig(name="slurm", **{option: value}))
+        except ValueError as e:
+            assert option in str(e)  # the refusal names the option
+            with pytest.raises(ValueError, match=option):
+                slurm_parameters({option: value})
+            refused.add(option)
+        else:
+            assert slurm_parameters({option: value}) == from_cfg
+            accepted.add(option)
+    assert accepted == set(launcher_class("slurm").OPTIONS)
+    assert refused == {"max_workers", "oversubscribe", "prewarm", "address", "gpus_per_task"}
 
 
 def test_requeueable_checkpoint_requeues_same_call(tmp_path):

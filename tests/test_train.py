@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import pytest
 from helpers import journal_counts, journal_metrics, tiny_overrides
 
 from windtunnel.compose import compose_run as compose
+from windtunnel.flops import Shape, flops_per_token
 from windtunnel.train import train
 
 
@@ -26,14 +28,23 @@ def test_branches_are_finished_points_equal_to_standalone_runs(tmp_path: Path) -
     assert len({p.run_id for p in branched.points} | {branched.run_id}) == 3
     assert all(p.val_loss < branched.initial_val_loss for p in branched.points)
     assert branched.points[1].val_loss < branched.points[0].val_loss  # more data, lower loss
+    # a point's compute is its D tokens at the FLOPs per token of the model's shape (6N plus
+    # the head and attention terms, windtunnel.flops)
+    cfg = json.loads((Path(branched.run_dir) / "config.json").read_text())
+    shape = Shape(**{f.name: cfg["model"][f.name] for f in dataclasses.fields(Shape)})
+    per_token = flops_per_token(shape, cfg["data"]["seq_len"])
+    assert per_token > 6 * branched.N
     for p in branched.points:
-        assert p.N == branched.N and p.flops == pytest.approx(p.D * p.flops / p.D)
+        assert p.N == branched.N and p.tokens == p.D
+        assert p.flops == p.D * per_token
         assert set(p.domains) == {"prose", "code"}
         bpb = sum(d["bpb"] for d in p.domains.values()) / 2
         assert p.val_bpb == pytest.approx(bpb)
 
     alone = train(compose(tiny_overrides(tmp_path, "train.tokens=8192")))
     assert alone.val_loss == branched.points[0].val_loss  # bit-for-bit on CPU
+    p0 = branched.points[0]
+    assert (alone.N, alone.tokens, alone.flops) == (p0.N, p0.D, p0.flops)
 
 
 def test_rerun_of_finished_run_returns_result_without_training(tmp_path: Path) -> None:

@@ -3,19 +3,23 @@ reviewed in a real browser; the paper-scale dry run; clear errors for bad specs.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from helpers import tiny_overrides
 
 from windtunnel.cli import main
-from windtunnel.tunnel import STAGES, dry_run, load_tunnel
+from windtunnel.tunnel import STAGES, dry_run, load_tunnel, run_tunnel, status
 from windtunnel.tunnel.runner import load_state
 
 pytest_plugins = ["fixtures_mlflow"]
@@ -261,3 +265,128 @@ def test_every_ready_tunnel_composes() -> None:
     for path in sorted((REPO / "tunnels").glob("*.yaml")):
         plan = dry_run(load_tunnel(path, []))
         assert plan.totals["trials"] > 0, path
+
+
+def _md_sections(md: str) -> dict[str, str]:
+    """The report's markdown by ``## `` section title."""
+    parts = re.split(r"^## (.+)$", md, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+@pytest.mark.slow
+def test_report_of_the_real_tunnel(tunnel_run) -> None:
+    """The report as a user reads it, rendered by the real runner (driven through the public API:
+    the finished tunnel is rerun, redoes nothing, and writes its report again) from what the
+    stages really found: a headline per stage, each section backed by the run folders' own
+    outputs, every plot a PNG, the plan's YAML linked and shown."""
+    r = tunnel_run
+    tf = load_tunnel(r["spec"], _run_overrides(r["tmp"], r["srv"]))
+    before = status(tf)
+    summary = run_tunnel(tf)
+    folder = tf.folder
+    # every stage done, with its headline; the rerun changed none of them
+    assert summary["done"] and summary["tunnel"] == "tiny"
+    assert [s["stage"] for s in summary["stages"]] == list(STAGES)
+    assert all(s["status"] == "done" and s["headline"] for s in summary["stages"])
+    assert summary["stages"] == before["stages"] == status(tf)["stages"]
+    headlines = {s["stage"]: s["headline"] for s in summary["stages"]}
+    out = {k: Path(v) for k, v in summary["report"].items()}
+    assert out == {"html": folder / "report.html", "markdown": folder / "report.md"}
+    page, md = out["html"].read_text(), out["markdown"].read_text()
+
+    # the summary table: one row per stage with its headline, in both renderings
+    sections = _md_sections(md)
+    for stage, line in headlines.items():
+        assert re.search(
+            rf"^\| {stage} \| done \| [^|]+ \| {re.escape(_md_cell(line))} \|$", md, re.M
+        )
+        assert html.escape(line) in page, stage
+    # a section per stage's result, none missing
+    titles = [
+        "Summary",
+        "μP optimum",
+        "μTransfer evidence",
+        "Batch-size law",
+        "Data–model law",
+        "Compute-optimal ratio",
+        "Planned full run",
+        "Back-test",
+        "Ladder points",
+    ]
+    assert list(sections) == titles
+    for title in titles:
+        assert f"<h2>{html.escape(title)}</h2>" in page
+    assert "Stages without a result" not in page
+
+    # the ladder: what its run folders hold (4 sizes × 2 decay branches)
+    branches: dict[str, list[dict]] = {}
+    for run in sorted((folder / "sweeps/ladder/runs").glob("*/result.json")):
+        model = json.loads((run.parent / "config.json").read_text())["model"]["name"]
+        branches[model] = json.loads(run.read_text())["branches"]
+    sizes = sorted(branches)
+    assert sizes == ["micro_s", "micro_xs", "micro_xxs", "micro_xxxs"]
+    assert headlines["ladder"] == f"8 points from 4 sizes ({', '.join(sizes)})"
+    for b in (b for bs in branches.values() for b in bs):
+        assert f" {b['val_bpb']:.4f} |" in sections["Ladder points"]
+    # the back-test predicts the largest size's real points
+    largest = max(branches, key=lambda m: branches[m][0]["N"])
+    for b in branches[largest]:
+        assert f"| {b['val_bpb']:.4f} |" in sections["Back-test"]
+    errors = re.findall(r"\| ([-+]\d+\.\d\d)% \|", sections["Back-test"])
+    assert len(errors) == len(branches[largest])
+    worst = max(abs(float(e)) for e in errors)
+    assert f"max |error| {worst:.2f}%" in headlines["backtest"]
+    assert "Target met" in sections["Back-test"] or "Target not met" in sections["Back-test"]
+
+    # the μP optimum: its overrides are what the later stages trained with
+    mup = sections["μP optimum"]
+    best = re.search(r"^best (\d+\.\d{4}) with ", headlines["mup_search"])
+    assert best and f"Best objective {best[1]} " in mup
+    overrides = dict(o.split("=", 1) for o in re.search(r"```\n(.+)\n```", mup)[1].split())
+    ladder_cfg = json.loads(next((folder / "sweeps/ladder/runs").glob("*/config.json")).read_text())
+    for key in ("scale_emb", "init_std", "scale_depth"):
+        assert ladder_cfg["model"][key] == pytest.approx(float(overrides[f"model.{key}"]))
+    centre = re.search(
+        r"centred on the μP optimum lr = (\S+)\.$", sections["μTransfer evidence"], re.M
+    )
+    assert centre and float(centre[1]) == pytest.approx(float(overrides["optim.lr"]), rel=1e-3)
+
+    # the fit: its headline and table are the fit file's numbers
+    fit = json.loads((folder / "fit/fit.json").read_text())["fit"]
+    law = re.search(r"= (\S+) \+ (\S+)/N\^(\S+) \+ (\S+)/D\^(\S+);", headlines["fit"])
+    assert law, headlines["fit"]
+    for k, shown in zip(("E", "A", "B", "alpha", "beta"), law.group(1, 2, 4, 3, 5), strict=True):
+        assert float(shown) == pytest.approx(fit[k], rel=2e-3, abs=1e-3), k
+    assert "fitted to 8 points" in sections["Data–model law"]
+
+    # the plan: its YAML file is named in the report, exists, and is shown in full
+    yaml_path = folder / "plan" / "full_run.yaml"
+    text = yaml_path.read_text()
+    plan = yaml.safe_load(text)
+    assert f"Experiment config ({yaml_path}):" in sections["Planned full run"]
+    assert html.escape(str(yaml_path)) in page
+    assert f"```yaml\n{text.rstrip()}\n```" in sections["Planned full run"]
+    assert f"<pre><code>{html.escape(text)}</code></pre>" in page
+    D = plan["train"]["tokens"]
+    assert f"× {D / 1e9:.0f}B tokens" in headlines["plan"] and f"({D:,})" in md
+    assert plan["model"]["name"] == "tiny_full" and plan["model"]["scale_emb"] == pytest.approx(
+        float(overrides["model.scale_emb"])
+    )
+
+    # plots: every figure a PNG in the tunnel folder, linked from the markdown, embedded in the HTML
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    for link in links:
+        p = folder / link
+        assert not Path(link).is_absolute() and p.is_file(), link
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(links) and "plot missing" not in page
+    assert {base64.b64decode(i) for i in images} == {(folder / x).read_bytes() for x in links}
+    for title in ("μP optimum", "Data–model law", "Back-test", "Ladder points"):
+        assert "![" in sections[title], f"no plot in {title}"
+    for title, absent in (("μTransfer evidence", "skipped"), ("Batch-size law", "not fitted")):
+        assert ("![" in sections[title]) != (absent in sections[title]), title

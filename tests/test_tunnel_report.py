@@ -1,4 +1,7 @@
-"""The tunnel's figures and report, from a realistic fake state (synthetic data, no training)."""
+"""The tunnel's figures and report, from a realistic fake state (synthetic data, no training).
+
+The report of a real tunnel, rendered by the runner, is checked in ``test_tunnel.py``
+(``test_report_of_the_real_tunnel``), which shares that file's tiny tunnel run."""
 
 from __future__ import annotations
 

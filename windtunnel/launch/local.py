@@ -43,6 +43,7 @@ from windtunnel.launch.base import (
     Outcome,
     usable_cores,
 )
+from windtunnel.launch.options import LocalOptions
 from windtunnel.launch.pack import describe_exit
 
 KILL_GRACE_S = 3.0
@@ -122,15 +123,17 @@ class LocalLauncher(Launcher):
     """N parallel worker processes on this machine; see the module docstring."""
 
     name = "local"
-    OPTIONS = ("trials_per_job", "max_workers", "oversubscribe", "folder", "prewarm")
+    Options = LocalOptions
+    options: LocalOptions
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, options: LocalOptions | None = None) -> None:
+        super().__init__(options)
+        options = self.options
         cores = usable_cores()
-        n = int(options.get("max_workers") or cores)
+        n = int(options.max_workers or cores)
         if n < 1:
             raise ValueError(f"max_workers must be >= 1, got {n}")
-        if n > cores and not options.get("oversubscribe", False):
+        if n > cores and not options.oversubscribe:
             warnings.warn(
                 f"local launcher: max_workers={n} capped to the {cores} usable cores "
                 "(set oversubscribe=True to run more processes than cores)",
@@ -139,12 +142,12 @@ class LocalLauncher(Launcher):
             n = cores
         self.max_workers = n
         self.max_jobs = max(1, n // self.trials_per_job)
-        root = options.get("folder")
+        root = options.folder
         self._own_root = root is None
         root_path = Path(root) if root else Path(tempfile.mkdtemp(prefix="wt-local-"))
         self.folder = root_path / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.prewarm = bool(options.get("prewarm", True))
+        self.prewarm = options.prewarm
         self._zygote: Any = None
         if self.prewarm:
             self._start_prewarm()

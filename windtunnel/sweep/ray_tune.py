@@ -222,7 +222,8 @@ def _start_ray(spec: SweepFile, cpus: int) -> bool:
     kw: dict[str, Any] = {}
     if not address or address == "local":
         address = "local"
-        kw["num_cpus"] = spec.launcher.max_workers or spec.sweep.parallelism * cpus
+        workers = getattr(spec.launcher, "max_workers", None)  # local and ray have it
+        kw["num_cpus"] = workers or spec.sweep.parallelism * cpus
     ray.init(
         address=address,
         include_dashboard=False,
@@ -263,9 +264,9 @@ def run_ray_sweep(spec: SweepFile) -> SweepSummary:
     from windtunnel.cli import conf_dir
 
     t0 = time.time()
-    cpus = spec.launcher.cpus_per_task or 1
+    cpus = getattr(spec.launcher, "cpus_per_task", None) or 1  # ray's options
     resources: dict[str, float] = {"cpu": cpus}
-    if spec.launcher.gpus_per_task:
+    if getattr(spec.launcher, "gpus_per_task", None):
         resources["gpu"] = spec.launcher.gpus_per_task
     tracker, parent = open_parent(spec)
     job = _Job(spec, parent.run_id, s.threads_per_trial or cpus, str(conf_dir()), os.getcwd())

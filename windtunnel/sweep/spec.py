@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from windtunnel.launch.base import LauncherConfig
+from windtunnel.launch.options import launcher_options, open_launcher_schema
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
@@ -109,8 +109,12 @@ class SweepFile:
     """A whole spec: the sweep, the launcher and the base run overrides."""
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = field(default_factory=lambda: {"name": "local"})
+    """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.launcher = launcher_options(self.launcher)
 
     @property
     def folder(self) -> Path:
@@ -161,8 +165,7 @@ def register_sweep_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="sweep_schema", node=SweepFile)
-    cs.store(group="launcher", name="launcher_schema", node=LauncherConfig)
+    cs.store(name="sweep_schema", node=open_launcher_schema(SweepFile))
 
 
 def split_overrides(overrides: list[str] | None, own: tuple[str, ...]) -> tuple[list, list]:

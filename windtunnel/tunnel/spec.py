@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from windtunnel.launch.base import LauncherConfig
+from windtunnel.launch.options import launcher_options, open_launcher_schema
 
 SWEEP_STAGES = ("mup_search", "lr_transfer", "batch_size", "ladder")
 STAGES = (*SWEEP_STAGES, "fit", "plan", "backtest")
@@ -98,9 +99,13 @@ class TunnelConfig:
 @dataclass(kw_only=True)
 class TunnelFile:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = field(default_factory=lambda: {"name": "local"})
+    """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
     """Command-line run overrides (appended after ``tunnel.run``)."""
+
+    def __post_init__(self) -> None:
+        self.launcher = launcher_options(self.launcher)
 
     @property
     def folder(self) -> Path:
@@ -134,7 +139,7 @@ class TunnelFile:
 def register_tunnel_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="tunnel_schema", node=TunnelFile)
+    ConfigStore.instance().store(name="tunnel_schema", node=open_launcher_schema(TunnelFile))
 
 
 def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelFile:

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from windtunnel.files import atomic_write
+
 EXIT_TERMINATED = 143
 
 
@@ -35,15 +37,13 @@ def write_outcome(path: Path, outcome: Any) -> None:
 
     from windtunnel.launch.base import Outcome
 
-    tmp = path.with_name(path.name + ".tmp")
     try:
         data = cloudpickle.dumps(outcome)
     except Exception as e:
         data = cloudpickle.dumps(
             Outcome(False, exc_type=type(e).__name__, message=f"trial result is not picklable: {e}")
         )
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def read_outcome(path: Path) -> Any | None:

@@ -13,7 +13,6 @@ about 3 s of start-up; ``prewarm=False`` (or a platform without ``fork``) starts
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
@@ -45,6 +44,7 @@ from windtunnel.launch.base import (
 )
 from windtunnel.launch.options import LocalOptions
 from windtunnel.launch.pack import describe_exit
+from windtunnel.procs import send_signal, terminate
 
 KILL_GRACE_S = 3.0
 LOG_TAIL_LINES = 40
@@ -290,22 +290,14 @@ class LocalLauncher(Launcher):
 
 
 def _terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM the worker's process group, SIGKILL it after a grace period."""
-
-    def run() -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(KILL_GRACE_S)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    threading.Thread(target=run, daemon=True).start()
+    """SIGTERM the worker's process group, SIGKILL it after a grace period (in the background)."""
+    threading.Thread(
+        target=terminate, args=(proc,), kwargs={"group": True, "grace_s": KILL_GRACE_S}, daemon=True
+    ).start()
 
 
 def _kill_all(running: set[LocalJob], lock: threading.Condition) -> None:
     """At interpreter exit or garbage collection: leave no worker processes behind."""
     for job in list(running):
         if job._proc is not None and job._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(job._proc.pid, signal.SIGKILL)
+            send_signal(job._proc, signal.SIGKILL, group=True)

@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from windtunnel.files import atomic_write
 from windtunnel.tracking.api import RestClient, RestError, kv
 
 log = logging.getLogger("windtunnel.tracking")
@@ -54,15 +53,12 @@ def configure_client_env() -> None:
 
 def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Cheap reachability check (``GET /health``) before paying for MLflow's own requests."""
+    from windtunnel.tracking.server import health_status
+
     if not uri.startswith(("http://", "https://")):
         return True
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return True
-    except urllib.error.HTTPError as e:
-        return e.code < 500  # answering, even if /health is not its path
-    except (OSError, ValueError):
-        return False
+    status = health_status(uri, timeout)
+    return status is not None and status < 500  # answering, even if /health is not its path
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -126,9 +122,7 @@ class SyncState:
             "runs": self.runs,
             "experiment_ids": self.experiment_ids,
         }
-        tmp = self.path.with_name(f".{SYNCED_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(doc, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from helpers import journal_metrics, tiny_overrides
 
-from windtunnel.cli import compose
+from windtunnel.compose import compose_run as compose
 from windtunnel.train import train
 
 GOLDEN = Path(__file__).parent / "golden" / "micro_loss_curve.json"

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -28,14 +29,20 @@ from windtunnel.launch import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    LAUNCHERS,
+    OPTIONS,
     JobCancelled,
     JobFailed,
-    LauncherConfig,
+    LocalOptions,
+    RayOptions,
+    SlurmOptions,
     TrialError,
     demo,
+    launcher_class,
+    launcher_options,
     make_launcher,
 )
-from windtunnel.launch.base import Outcome, launcher_class
+from windtunnel.launch.base import Outcome
 from windtunnel.launch.checkpoint import Requeueable
 from windtunnel.launch.pack import PackRunner
 from windtunnel.launch.slurm import sbatch_script, slurm_parameters
@@ -212,7 +219,9 @@ def test_killed_job_is_reported_failed(launcher, kind, tmp_path):
 
 @pytest.mark.parametrize("name", ["inline", "local", "slurm", "ray"])
 def test_unknown_option_refused(name):
-    with pytest.raises(ValueError, match=r"valid options: \[") as info:
+    with pytest.raises(
+        ValueError, match=rf"^launcher.frobnicate is not an option of launcher={name}; its options"
+    ) as info:
         make_launcher(name=name, frobnicate=1)
     assert "trials_per_job" in str(info.value)
     # an option of another launcher, set on this one
@@ -220,10 +229,11 @@ def test_unknown_option_refused(name):
         name
     ]
     value = {"max_workers": 2, "partition": "gpu", "address": "auto", "qos": "high"}[foreign]
-    with pytest.raises(ValueError, match=rf"does not take option\(s\) \['{foreign}'\]") as info:
-        make_launcher(LauncherConfig(name=name, **{foreign: value}))
-    for valid in launcher_class(name).OPTIONS:
-        assert valid in str(info.value)
+    with pytest.raises(
+        ValueError, match=rf"^launcher.{foreign} is not an option of launcher={name} \(it is"
+    ) as info:
+        make_launcher({"name": name, foreign: value})
+    assert str(info.value).endswith("its options: " + ", ".join(OPTIONS[name].option_names()))
 
 
 def test_local_workers_are_prewarmed_and_see_the_current_environment(monkeypatch):
@@ -264,15 +274,100 @@ def test_local_launcher_survives_the_loss_of_its_prewarmed_process(tmp_path):
 def test_launcher_config_with_omegaconf():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.structured(LauncherConfig)
-    cfg.name = "inline"
-    cfg.trials_per_job = 2
+    cfg = OmegaConf.create({"name": "inline", "trials_per_job": 2})
     launcher = make_launcher(cfg)
     assert launcher.name == "inline" and launcher.trials_per_job == 2
-    with pytest.raises(ValueError, match="unknown launcher option"):
+    with pytest.raises(
+        ValueError, match=r"launcher\.partitoin is not an option of launcher=local;"
+    ):
         make_launcher({"name": "local", "partitoin": "gpu"})
-    with pytest.raises(ValueError, match="unknown launcher"):
+    with pytest.raises(ValueError, match="unknown launcher 'kubernetes'; valid launchers: inline"):
         make_launcher(name="kubernetes")
+
+
+def _conf_launcher(name: str) -> dict:
+    import yaml
+
+    root = Path(__file__).parents[1] / "conf" / "launcher"
+    return yaml.safe_load((root / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "expected"),
+    [
+        ("inline", {"trials_per_job": 3}, {"trials_per_job": 3}),
+        (
+            "local",
+            {"trials_per_job": 8, "prewarm": False, "max_workers": "4", "oversubscribe": True},
+            {"trials_per_job": 8, "prewarm": False, "max_workers": 4, "oversubscribe": True},
+        ),
+        (
+            "slurm",
+            {"partition": "gpu", "gpus_per_node": 1, "timeout_min": "120", "trials_per_job": 8,
+             "setup": ["module load cuda"], "extra_sbatch": {"exclusive": True}, "folder": "/f"},
+            {"partition": "gpu", "gpus_per_node": 1, "timeout_min": 120, "trials_per_job": 8,
+             "setup": ["module load cuda"], "extra_sbatch": {"exclusive": True}, "folder": "/f",
+             "cpus_per_task": 1, "mem_gb": 2.0, "job_name": "windtunnel"},
+        ),
+        (
+            "ray",
+            {"address": "ray://head:10001", "gpus_per_task": 0.5, "cpus_per_task": 2},
+            {"address": "ray://head:10001", "gpus_per_task": 0.5, "cpus_per_task": 2},
+        ),
+    ],
+)  # fmt: skip
+def test_launcher_options_of_each_backend(name, overrides, expected):
+    """conf/launcher/<name>.yaml plus the overrides users type -> the backend's typed options
+    (values converted to the fields' types)."""
+    opts = launcher_options({**_conf_launcher(name), **overrides})
+    assert type(opts) is OPTIONS[name] and opts.name == name
+    assert {k: getattr(opts, k) for k in expected} == expected
+    assert launcher_options(opts) == opts  # typed options pass through
+    assert launcher_options(opts.as_dict()) == opts
+    assert launcher_class(name).Options is OPTIONS[name]
+    for field in opts.option_names():
+        assert OPTIONS[name].__dataclass_fields__[field].kw_only
+
+
+def test_launcher_options_refusals():
+    with pytest.raises(ValueError) as info:
+        launcher_options({"name": "local", "partition": "gpu"})
+    assert str(info.value) == (
+        "launcher.partition is not an option of launcher=local (it is an option of "
+        "launcher=slurm); its options: folder, max_workers, oversubscribe, prewarm, trials_per_job"
+    )
+    with pytest.raises(ValueError, match=r"^launcher.address, launcher.qos are not options of "):
+        launcher_options({"name": "inline", "address": "auto", "qos": "high"})
+    with pytest.raises(ValueError, match="unknown launcher 'k8s'; valid launchers: inline, local"):
+        launcher_options({"name": "k8s"})
+    with pytest.raises(ValueError, match=r"bad value of launcher\.timeout_min for launcher=slurm"):
+        launcher_options({"name": "slurm", "timeout_min": "two hours"})
+    with pytest.raises(ValueError, match="trials_per_job must be >= 1"):
+        launcher_options(name="local", trials_per_job=0)
+    with pytest.raises(ValueError, match="LocalOptions is for launcher=local"):
+        LocalOptions(name="slurm")
+    assert launcher_options() == LocalOptions()  # no name: local
+    assert RayOptions(address="auto").as_dict(changed_only=True) == {
+        "name": "ray",
+        "address": "auto",
+    }
+
+
+def test_launch_registry_imports_lazily():
+    """The registry lives in windtunnel.launch; base imports no implementation and importing the
+    package pulls in no backend (nor submitit, ray, omegaconf or torch)."""
+    code = (
+        "import sys, windtunnel.launch.base, windtunnel.launch;"
+        "print(sorted(m for m in sys.modules if m.startswith(('windtunnel.launch.', 'submitit',"
+        " 'ray', 'omegaconf', 'torch'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "['windtunnel.launch.base', 'windtunnel.launch.options']"
+    assert set(LAUNCHERS) == set(OPTIONS)
+    for name in LAUNCHERS:
+        assert launcher_class(name).name == name
 
 
 def test_local_caps_workers_at_cores():
@@ -359,8 +454,7 @@ OPTION_SAMPLES = {  # a valid, non-default value of every launcher option
 
 
 def test_slurm_parameters_pure_and_validated():
-    cfg = LauncherConfig(
-        name="slurm",
+    cfg = SlurmOptions(
         partition="gpu",
         timeout_min=30,
         setup=["module load cuda"],
@@ -388,29 +482,33 @@ def test_slurm_parameters_pure_and_validated():
     assert slurm_parameters(cfg) == expected
     slurm_parameters({"timeout_min": 5, "partition": "low", "setup": ["true"]})
     assert slurm_parameters(cfg) == expected  # nothing carried over from another call
-    with pytest.raises(ValueError, match="valid options"):
+    with pytest.raises(ValueError, match=r"launcher\.address is not an option of launcher=slurm"):
         slurm_parameters({"partition": "gpu", "address": "auto"})
+    with pytest.raises(ValueError, match="not slurm launcher options"):
+        slurm_parameters({"name": "local"})
     with pytest.raises(ValueError, match="shorter than the time limit"):
         slurm_parameters({"timeout_min": 1})
     with pytest.raises(ValueError, match="use the launcher option"):
         slurm_parameters({"extra_sbatch": {"partition": "x"}})
-    # validated against exactly the options the slurm launcher takes: every one is accepted, and
-    # every other launcher's option is refused, from a config as from a plain mapping
-    accepted, refused = set(), set()
-    assert set(OPTION_SAMPLES) == {f.name for f in dataclasses.fields(LauncherConfig)} - {"name"}
+    # validated against exactly the options the slurm launcher takes: every one is accepted (from
+    # typed options as from a plain mapping), and every other launcher's option is refused
+    slurm_fields = {f.name for f in dataclasses.fields(SlurmOptions)} - {"name"}
+    other = {f.name for o in OPTIONS.values() for f in dataclasses.fields(o)} - slurm_fields
+    assert set(OPTION_SAMPLES) == (slurm_fields | other) - {"name"}
     for option, value in OPTION_SAMPLES.items():
-        try:
-            from_cfg = slurm_parameters(LauncherConfig(name="slurm", **{option: value}))
-        except ValueError as e:
-            assert option in str(e)  # the refusal names the option
-            with pytest.raises(ValueError, match=option):
-                slurm_parameters({option: value})
-            refused.add(option)
-        else:
+        if option in slurm_fields:
+            from_cfg = slurm_parameters(SlurmOptions(**{option: value}))
             assert slurm_parameters({option: value}) == from_cfg
-            accepted.add(option)
-    assert accepted == set(launcher_class("slurm").OPTIONS)
-    assert refused == {"max_workers", "oversubscribe", "prewarm", "address", "gpus_per_task"}
+        else:
+            with pytest.raises(ValueError, match=option):  # the refusal names the option
+                slurm_parameters({option: value})
+    assert other - {"name"} == {
+        "max_workers",
+        "oversubscribe",
+        "prewarm",
+        "address",
+        "gpus_per_task",
+    }
 
 
 def test_requeueable_checkpoint_requeues_same_call(tmp_path):

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from windtunnel.cli.fit import fit_main, plan_main
 from windtunnel.config import to_run_config
 from windtunnel.scaling import DataModelLaw
-from windtunnel.scaling.cli import fit_main, plan_main
 
 TRUTH = DataModelLaw(E=1.6, A=350.0, B=900.0, alpha=0.32, beta=0.3)
 

@@ -118,7 +118,7 @@ def abandon(run: Any) -> None:
     """What SIGKILL leaves: no finish event, file handles and the flock gone."""
     run._f.close()
     if run._lock is not None:
-        run._lock.close()
+        run._lock.release()
 
 
 def history(uri: str, mlflow_run_id: str, key: str = "loss") -> list[tuple[int, float]]:
@@ -290,6 +290,45 @@ def test_journal_survives_sigkill_and_torn_line(tmp_path: Path) -> None:
     rec = _from_journal(run)
     assert [s for s, _ in rec.metrics["loss"]] == list(range(501))
     assert rec.status == "FINISHED"
+
+
+def test_replay_skips_a_journal_whose_writer_is_alive(tmp_path: Path) -> None:
+    """The journal's life-long lock: replay leaves a journal alone while a live run (in another
+    process, or in this one) holds it, and takes it once the writer finished or was SIGKILLed."""
+    from windtunnel.files import LockHeld, acquire
+    from windtunnel.tracking.replay import ReplayResult, _replay_one
+
+    run_dir = tmp_path / "r"
+    code = (
+        "import time\n"
+        "from windtunnel.config import TrackerConfig\n"
+        "from windtunnel.tracking import open_tracker\n"
+        "t = open_tracker(TrackerConfig(kind='jsonl'))\n"
+        f"run = t.start_run(run_dir={str(run_dir)!r}, name='k', params={{}}, tags={{}})\n"
+        "print(run.run_id, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip()
+        journal = run_dir / "journal.jsonl"
+        result = ReplayResult()
+        _replay_one(journal, None, result)  # type: ignore[arg-type]  # skipped before any use
+        assert result.skipped_live == [str(journal)]
+        with pytest.raises(LockHeld):
+            acquire(run_dir / "journal.lock", blocking=False)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    acquire(run_dir / "journal.lock", blocking=False).release()  # freed by the kernel
+    run = open_tracker(TrackerConfig(kind="jsonl")).start_run(
+        run_dir=run_dir, name="k", params={}, tags={}
+    )
+    result = ReplayResult()
+    _replay_one(run.journal_path, None, result)  # type: ignore[arg-type]
+    assert result.skipped_live == [str(run.journal_path)]  # a live run of this process too
+    run.finish()
+    acquire(run_dir / "journal.lock", blocking=False).release()
 
 
 def test_mlflow_ui_url() -> None:

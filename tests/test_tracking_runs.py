@@ -85,7 +85,7 @@ def test_tracking_uri_default(monkeypatch):
 
 
 def test_fit_help_names_the_default_uri():
-    from windtunnel.scaling.cli import _fit_parser
+    from windtunnel.cli.fit import _fit_parser
 
     assert DEFAULT_URI in _fit_parser().format_help()
 
@@ -124,7 +124,7 @@ def test_one_health_check(http_answering):
 
 
 def test_unreachable_server_is_a_clear_error(capsys):
-    from windtunnel.scaling.cli import fit_main
+    from windtunnel.cli.fit import fit_main
 
     with pytest.raises(RunsError, match="cannot reach the MLflow tracking server"):
         runs_table("ladder", uri="http://127.0.0.1:9")
@@ -139,7 +139,7 @@ def test_ladder_read_back_from_a_real_server(
 ) -> None:
     """Points logged the way the trainer logs them are read back over REST (paged), fitted by
     `windtunnel fit`, whose fit run lands in the experiment without counting as a point."""
-    from windtunnel.scaling.cli import fit_main
+    from windtunnel.cli.fit import fit_main
 
     uri = mlflow_server.uri
     df = synthetic_points(LAW, np.geomspace(1e7, 1e9, 4), (10, 20, 40), noise=0.002)
@@ -213,7 +213,7 @@ def test_sqlite_store_through_mlflows_client(tmp_path, capsys):
     """A tracking URI that is not a server (here SQLite) is read and written through mlflow's
     own client, with the same results."""
     pytest.importorskip("mlflow")
-    from windtunnel.scaling.cli import fit_main
+    from windtunnel.cli.fit import fit_main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     df = synthetic_points(LAW, np.geomspace(1e7, 1e9, 4), (10, 20, 40), noise=0.002)

@@ -43,12 +43,16 @@ def finish_function_trial(timeout_s: float) -> None:
 
 
 # -- submitit ---------------------------------------------------------------------------------
-def sbatch_script(parameters: dict[str, Any], folder: Any, command: str, map_count: int | None):
+def sbatch_script(
+    parameters: dict[str, Any], folder: Any, command: str, map_count: int | None
+) -> str:
     """The sbatch script submitit would write for ``parameters`` (a pure function there, but
     private): windtunnel pins it in a golden file and packs trials with it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **parameters)
+    return str(
+        _make_sbatch_string(command=command, folder=folder, map_count=map_count, **parameters)
+    )
 
 
 def submitit_command(executor: Any) -> str:

@@ -54,9 +54,20 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def _register(name: str, schema: type) -> None:
-    from hydra.core.config_store import ConfigStore
+    """Store ``schema`` as Hydra's schema ``name``. Its fields typed ``Any`` (a spec's
+    ``launcher``) stay open dicts: any key composes, and the dataclass checks them itself."""
+    import dataclasses
+    import typing
 
-    ConfigStore.instance().store(name=name, node=schema)
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if hints[f.name] is Any:
+            OmegaConf.set_struct(node[f.name], False)
+    ConfigStore.instance().store(name=name, node=node)
 
 
 def _register_run_schemas() -> None:

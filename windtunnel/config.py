@@ -273,9 +273,27 @@ def _value(tp: Any, value: Any, where: str) -> Any:
         return tuple(_value(args[0], v, f"{where}[]") for v in value) if args else tuple(value)
     if origin is dict:
         return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float, bool, str):
+        return _scalar(tp, value, where)
     return value
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    """``value`` as a ``tp``, converting only what is unambiguous (3 → 3.0, "3" → 3)."""
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if tp in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and (tp is float or number.is_integer()):
+            return tp(number)
+    raise ValueError(f"{where}={value!r}: expected {tp.__name__}")
 
 
 def to_run_config(data: Mapping[str, Any]) -> RunConfig:

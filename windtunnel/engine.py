@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from windtunnel.config import Resolved
+from windtunnel.files import atomic_file
 from windtunnel.model import Decoder, flash_attn_available
 from windtunnel.mup import build_optimizer, set_lr
 from windtunnel.schedule import Schedule, lr_factor
@@ -210,10 +210,8 @@ class Engine:
 
     def save(self, path: Path) -> None:
         """Atomic: a kill during the write leaves the previous checkpoint intact."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            torch.save(self.state_dict(), f)
 
     def load(self, path: Path) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))

@@ -31,6 +31,7 @@ from typing import Any
 
 from windtunnel.config import Resolved, RunConfig, resolve, to_dict
 from windtunnel.engine import Diverged, Engine, Preempted, Pruned, schedule_for
+from windtunnel.files import atomic_write, lock
 
 LN2 = math.log(2.0)
 OnEval = Callable[[int, dict[str, float]], None]
@@ -112,29 +113,18 @@ def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
         )
 
 
-def _json_write(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+def _json_write(path: Path, obj: Any, *, fsync: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=str), fsync=fsync)
 
 
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
+def _exclusive(path: Path) -> Any:
     """Hold an exclusive lock on ``path``; wait (saying so) while another process holds it."""
-    import fcntl
-    import sys
-
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process training {path.parent}", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return lock(
+        path,
+        on_wait=lambda: print(
+            f"waiting for another process training {path.parent}", file=sys.stderr
+        ),
+    )
 
 
 def _show_progress(cfg: RunConfig) -> bool:
@@ -185,7 +175,7 @@ class _Segment:
             metrics = {**metrics, "tokens": tokens, "flops": tokens * self.t.res.flops_per_token}
         self.run.log_metrics(metrics, step=tokens)
         self.logged[group] = step
-        _json_write(self.logged_file, self.logged)
+        _json_write(self.logged_file, self.logged, fsync=False)  # every log step: no fsync
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self.t.eval_metrics()

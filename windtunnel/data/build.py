@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,7 +11,7 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from windtunnel.config import DataConfig
 from windtunnel.data.corpus import EOT, FORMAT_VERSION, DataError, PreparedCorpus
 from windtunnel.data.sources import Source, domains_of, load_tokens, read_docs, resolve, validate
+from windtunnel.files import lock
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -202,22 +202,6 @@ def _build_tokens(cfg: DataConfig, sources: list[Source], tmp: Path) -> dict[str
     }
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialize concurrent prepares of the same corpus (the rename stays the real guard)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build(cfg: DataConfig, sources: list[Source], root: Path, key: dict, show: bool) -> None:
     for stale in root.parent.glob(f".tmp-{root.name}-*"):  # left by a killed prepare
         shutil.rmtree(stale, ignore_errors=True)
@@ -280,7 +264,8 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedCorpus:
     root = Path(cfg.cache_dir).expanduser().resolve() / f"{cfg.name}-{digest[:12]}"
     if not (root / "meta.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(root.parent / f".{root.name}.lock"):
+        # serialize concurrent prepares of the same corpus (the rename stays the real guard)
+        with lock(root.parent / f".{root.name}.lock"):
             if not (root / "meta.json").is_file():
                 if root.exists():  # not ours to trust: no meta.json means incomplete
                     shutil.rmtree(root)

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from windtunnel.files import atomic_write
+
 EXIT_TERMINATED = 143
 
 
@@ -33,17 +35,15 @@ def write_call(path: Path, fn: Any, args: tuple, kwargs: dict) -> None:
 def write_outcome(path: Path, outcome: Any) -> None:
     import cloudpickle
 
-    from windtunnel.launch.base import Outcome
+    from windtunnel.launch.outcome import Outcome
 
-    tmp = path.with_name(path.name + ".tmp")
     try:
         data = cloudpickle.dumps(outcome)
     except Exception as e:
         data = cloudpickle.dumps(
             Outcome(False, exc_type=type(e).__name__, message=f"trial result is not picklable: {e}")
         )
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def read_outcome(path: Path) -> Any | None:
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     if hasattr(signal, "SIGUSR2"):
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    from windtunnel.launch.base import Outcome
+    from windtunnel.launch.outcome import Outcome
 
     try:
         with open(call_path, "rb") as f:

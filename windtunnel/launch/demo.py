@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from windtunnel.files import atomic_write
+
 
 def add(a: float, b: float = 0) -> float:
     return a + b
@@ -27,9 +29,7 @@ def sleep_then(seconds: float, value: object = None) -> object:
 
 def pid_then_sleep(pid_file: str, seconds: float) -> int:
     """Write this process's pid to ``pid_file`` then sleep (tests kill it)."""
-    tmp = f"{pid_file}.tmp"
-    Path(tmp).write_text(str(os.getpid()))
-    os.replace(tmp, pid_file)
+    atomic_write(pid_file, str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
 
@@ -81,6 +81,4 @@ def resumable_count(
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(state))

@@ -12,6 +12,7 @@ from windtunnel.launch.base import (
     Launcher,
     Outcome,
 )
+from windtunnel.launch.options import InlineOptions
 
 _ids = itertools.count()
 
@@ -39,7 +40,7 @@ class InlineLauncher(Launcher):
     """Runs the call synchronously inside `submit`; packed trials run one after the other."""
 
     name = "inline"
-    OPTIONS = ("trials_per_job",)
+    Options = InlineOptions
 
     def _submit_calls(self, calls: list[Call]) -> list[JobHandle]:
         return [

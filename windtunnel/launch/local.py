@@ -13,7 +13,6 @@ about 3 s of start-up; ``prewarm=False`` (or a platform without ``fork``) starts
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
@@ -43,7 +42,9 @@ from windtunnel.launch.base import (
     Outcome,
     usable_cores,
 )
+from windtunnel.launch.options import LocalOptions
 from windtunnel.launch.pack import describe_exit
+from windtunnel.procs import send_signal, terminate
 
 KILL_GRACE_S = 3.0
 LOG_TAIL_LINES = 40
@@ -122,15 +123,17 @@ class LocalLauncher(Launcher):
     """N parallel worker processes on this machine; see the module docstring."""
 
     name = "local"
-    OPTIONS = ("trials_per_job", "max_workers", "oversubscribe", "folder", "prewarm")
+    Options = LocalOptions
+    options: LocalOptions
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, options: LocalOptions | None = None) -> None:
+        super().__init__(options)
+        options = self.options
         cores = usable_cores()
-        n = int(options.get("max_workers") or cores)
+        n = int(options.max_workers or cores)
         if n < 1:
             raise ValueError(f"max_workers must be >= 1, got {n}")
-        if n > cores and not options.get("oversubscribe", False):
+        if n > cores and not options.oversubscribe:
             warnings.warn(
                 f"local launcher: max_workers={n} capped to the {cores} usable cores "
                 "(set oversubscribe=True to run more processes than cores)",
@@ -139,12 +142,12 @@ class LocalLauncher(Launcher):
             n = cores
         self.max_workers = n
         self.max_jobs = max(1, n // self.trials_per_job)
-        root = options.get("folder")
+        root = options.folder
         self._own_root = root is None
         root_path = Path(root) if root else Path(tempfile.mkdtemp(prefix="wt-local-"))
         self.folder = root_path / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.prewarm = bool(options.get("prewarm", True))
+        self.prewarm = options.prewarm
         self._zygote: Any = None
         if self.prewarm:
             self._start_prewarm()
@@ -287,22 +290,14 @@ class LocalLauncher(Launcher):
 
 
 def _terminate(proc: subprocess.Popen) -> None:
-    """SIGTERM the worker's process group, SIGKILL it after a grace period."""
-
-    def run() -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(KILL_GRACE_S)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    threading.Thread(target=run, daemon=True).start()
+    """SIGTERM the worker's process group, SIGKILL it after a grace period (in the background)."""
+    threading.Thread(
+        target=terminate, args=(proc,), kwargs={"group": True, "grace_s": KILL_GRACE_S}, daemon=True
+    ).start()
 
 
 def _kill_all(running: set[LocalJob], lock: threading.Condition) -> None:
     """At interpreter exit or garbage collection: leave no worker processes behind."""
     for job in list(running):
         if job._proc is not None and job._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(job._proc.pid, signal.SIGKILL)
+            send_signal(job._proc, signal.SIGKILL, group=True)

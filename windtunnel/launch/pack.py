@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.launch._worker import read_outcome, write_call
-from windtunnel.launch.base import Outcome, usable_cores
+from windtunnel.launch.outcome import Outcome, usable_cores
+from windtunnel.procs import terminate_all
 
 POLL_S = 0.05
 TERM_GRACE_S = 10.0
@@ -118,16 +119,7 @@ class PackRunner:
             )
 
     def _stop_all(self) -> None:
-        for p in self._procs.values():
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + TERM_GRACE_S
-        for p in self._procs.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate_all(self._procs.values(), grace_s=TERM_GRACE_S)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on SIGUSR2: stop the trial processes, keep the finished outcomes."""
@@ -137,16 +129,8 @@ class PackRunner:
 
         run_preempt_callbacks()
         self._collect()  # trials that finished before the signal keep their outcome
-        for p in self._procs.values():
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + TERM_GRACE_S
-        for i, p in list(self._procs.items()):
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate_all(self._procs.values(), grace_s=TERM_GRACE_S)
+        for i in list(self._procs):
             out = read_outcome(self._result(i))
             if out is not None:  # finished while being stopped
                 self.outcomes[i] = out

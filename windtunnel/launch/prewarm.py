@@ -29,6 +29,8 @@ import sys
 import threading
 from typing import Any
 
+from windtunnel.procs import send_signal
+
 PRELOAD = (
     "torch",
     "torch._dynamo",
@@ -148,8 +150,7 @@ class Zygote:
         with self._answered:  # the zygote died: its workers could no longer be waited for
             self._dead = True
             for pid, ev in self._workers.items():
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)
+                send_signal(pid, signal.SIGKILL, group=True)
                 ev.set()
             self._answered.notify_all()
 

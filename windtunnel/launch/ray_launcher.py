@@ -24,6 +24,7 @@ from windtunnel.launch.base import (
     Launcher,
     Outcome,
 )
+from windtunnel.launch.options import RayOptions
 
 RAY_ENV = {
     # stay on loopback: Ray otherwise rewrites 127.0.0.1 to the machine's other address
@@ -106,25 +107,27 @@ class RayLauncher(Launcher):
     """Ray tasks; see the module docstring."""
 
     name = "ray"
-    OPTIONS = ("trials_per_job", "address", "cpus_per_task", "gpus_per_task", "max_workers")
+    Options = RayOptions
+    options: RayOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, options: RayOptions | None = None) -> None:
+        super().__init__(options)
+        options = self.options
         for k, v in RAY_ENV.items():
             os.environ.setdefault(k, v)
         import ray
 
         self._owns_ray = False
         if not ray.is_initialized():
-            address = options.get("address") or "local"
+            address = options.address or "local"
             init: dict[str, Any] = {"address": address, "include_dashboard": False}
-            if address == "local" and options.get("max_workers"):
-                init["num_cpus"] = int(options["max_workers"])
+            if address == "local" and options.max_workers:
+                init["num_cpus"] = int(options.max_workers)
             ray.init(**init)
             self._owns_ray = True
-        cpus = options.get("cpus_per_task") or self.trials_per_job
+        cpus = options.cpus_per_task or self.trials_per_job
         self._remote = ray.remote(_run_call).options(
-            num_cpus=cpus, num_gpus=options.get("gpus_per_task") or 0, max_retries=0
+            num_cpus=cpus, num_gpus=options.gpus_per_task or 0, max_retries=0
         )
 
     def _submit_calls(self, calls: list[Call]) -> list[JobHandle]:

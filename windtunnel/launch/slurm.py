@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from windtunnel import compat
 from windtunnel.launch.base import (
     CANCELLED,
     COMPLETED,
@@ -38,36 +39,10 @@ from windtunnel.launch.base import (
     Call,
     JobHandle,
     Launcher,
-    LauncherConfig,
     Outcome,
-    check_options,
 )
+from windtunnel.launch.options import SlurmOptions, launcher_options
 
-SLURM_OPTIONS = (
-    "trials_per_job",
-    "folder",
-    "job_name",
-    "partition",
-    "gpus_per_node",
-    "cpus_per_task",
-    "mem_gb",
-    "timeout_min",
-    "array_parallelism",
-    "account",
-    "qos",
-    "constraint",
-    "setup",
-    "extra_sbatch",
-    "signal_delay_s",
-    "max_num_timeout",
-    "checkpointable",
-    "python",
-    "poll_interval_s",
-)
-DEFAULT_JOB_NAME = "windtunnel"
-DEFAULT_TIMEOUT_MIN = 60
-DEFAULT_SIGNAL_DELAY_S = 90
-DEFAULT_POLL_S = 2.0
 PREEMPTED_FINAL_S = 120.0  # PREEMPTED this long without a requeue: preempted for good
 RESULT_GRACE_S = 3.0  # a finished job's result file may show up a little after sacct says so
 LOG_TAIL_LINES = 40
@@ -104,12 +79,16 @@ _REASONS = {
 
 
 # --- the pure parameter builder -------------------------------------------------------------------
-def _options(options: LauncherConfig | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(options, LauncherConfig):
-        if options.name != "slurm":
-            raise ValueError(f"not a slurm launcher config (name={options.name!r})")
-        return options.explicit()
-    return {k: v for k, v in options.items() if k != "name"}
+def _options(options: SlurmOptions | Mapping[str, Any]) -> SlurmOptions:
+    if isinstance(options, SlurmOptions):
+        return options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"slurm options expected, got {type(options).__name__}")
+    if options.get("name", "slurm") != "slurm":
+        raise ValueError(f"not slurm launcher options (name={options['name']!r})")
+    opts = launcher_options({**options, "name": "slurm"})
+    assert isinstance(opts, SlurmOptions)
+    return opts
 
 
 def format_mem(mem_gb: float) -> str:
@@ -119,48 +98,48 @@ def format_mem(mem_gb: float) -> str:
     return f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB"
 
 
-def slurm_parameters(options: LauncherConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Launcher options -> ``SlurmExecutor.update_parameters`` keyword arguments (pure).
+def slurm_parameters(options: SlurmOptions | Mapping[str, Any]) -> dict[str, Any]:
+    """Slurm options (typed, or a mapping of them) -> ``SlurmExecutor.update_parameters``
+    keyword arguments (pure).
 
     Defaults: job name "windtunnel", 60 min, one task on one node, USR2 90 s before the limit;
     with ``trials_per_job = k > 1`` and no ``cpus_per_task``, k CPUs (one per trial process).
     """
     o = _options(options)
-    check_options("slurm", SLURM_OPTIONS, o)
-    k = int(o.get("trials_per_job") or 1)
-    time_min = int(o.get("timeout_min") or DEFAULT_TIMEOUT_MIN)
+    k = o.trials_per_job
+    time_min = int(o.timeout_min)
     if time_min <= 0:
         raise ValueError(f"timeout_min must be > 0, got {time_min}")
-    signal_delay = int(o.get("signal_delay_s") or DEFAULT_SIGNAL_DELAY_S)
+    signal_delay = int(o.signal_delay_s)
     if signal_delay >= time_min * 60:
         raise ValueError(
             f"signal_delay_s={signal_delay} must be shorter than the time limit ({time_min * 60} s)"
         )
     p: dict[str, Any] = {
-        "job_name": str(o.get("job_name") or DEFAULT_JOB_NAME),
+        "job_name": str(o.job_name),
         "time": time_min,
         "nodes": 1,
         "ntasks_per_node": 1,
         "signal_delay_s": signal_delay,
     }
-    cpus = o.get("cpus_per_task") or (k if k > 1 else None)
+    cpus = o.cpus_per_task or (k if k > 1 else None)
     if cpus:
         p["cpus_per_task"] = int(cpus)
-    if o.get("gpus_per_node"):
-        p["gpus_per_node"] = int(o["gpus_per_node"])
-    if o.get("mem_gb"):
-        p["mem"] = format_mem(float(o["mem_gb"]))
+    if o.gpus_per_node:
+        p["gpus_per_node"] = int(o.gpus_per_node)
+    if o.mem_gb:
+        p["mem"] = format_mem(float(o.mem_gb))
     for key in ("partition", "account", "qos", "constraint"):
-        if o.get(key):
-            p[key] = str(o[key])
-    if o.get("array_parallelism"):
-        n = int(o["array_parallelism"])
+        if getattr(o, key):
+            p[key] = str(getattr(o, key))
+    if o.array_parallelism:
+        n = int(o.array_parallelism)
         if n < 1:
             raise ValueError(f"array_parallelism must be >= 1, got {n}")
         p["array_parallelism"] = n
-    if o.get("setup"):
-        p["setup"] = [str(line) for line in o["setup"]]
-    extra = dict(o.get("extra_sbatch") or {})
+    if o.setup:
+        p["setup"] = [str(line) for line in o.setup]
+    extra = dict(o.extra_sbatch or {})
     if extra:
         managed = {"job-name", "time", "nodes", "ntasks-per-node", "signal", "cpus-per-task",
                    "gpus-per-node", "mem", "partition", "account", "qos", "constraint", "array",
@@ -179,9 +158,8 @@ def sbatch_script(
     params: Mapping[str, Any], folder: str | Path, command: str, map_count: int | None = None
 ) -> str:
     """The sbatch script submitit writes for ``params`` (``map_count``: size of a job array)."""
-    from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+    return compat.sbatch_script(dict(params), folder, command, map_count)
 
 
 # --- handles --------------------------------------------------------------------------------------
@@ -348,25 +326,27 @@ class SlurmLauncher(Launcher):
     """Submits to SLURM through submitit; see the module docstring."""
 
     name = "slurm"
-    OPTIONS = SLURM_OPTIONS
+    Options = SlurmOptions
+    options: SlurmOptions
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, options: SlurmOptions | None = None) -> None:
+        super().__init__(options)
+        options = self.options
         from submitit import SlurmExecutor
 
         self.parameters = slurm_parameters(options)
-        root = Path(options.get("folder") or Path.cwd() / ".windtunnel" / "submitit")
+        root = Path(options.folder or Path.cwd() / ".windtunnel" / "submitit")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.folder = (
             root.absolute() / f"{self.parameters['job_name']}-{stamp}-{uuid.uuid4().hex[:6]}"
         )
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.checkpointable = options.get("checkpointable", True) is not False
-        self.poll_interval_s = float(options.get("poll_interval_s") or DEFAULT_POLL_S)
-        python = options.get("python") or shlex.quote(sys.executable)
+        self.checkpointable = options.checkpointable
+        self.poll_interval_s = float(options.poll_interval_s)
+        python = options.python or shlex.quote(sys.executable)
         self.executor = SlurmExecutor(
             folder=self.folder,
-            max_num_timeout=int(options.get("max_num_timeout") or 3),
+            max_num_timeout=int(options.max_num_timeout),
             python=python,
         )
         self.executor.update_parameters(**self.parameters)
@@ -393,5 +373,5 @@ class SlurmLauncher(Launcher):
     def sbatch_script(self, map_count: int | None = None) -> str:
         """The sbatch script this launcher's jobs get (for inspection)."""
         return sbatch_script(
-            self.parameters, self.folder, self.executor._submitit_command_str, map_count
+            self.parameters, self.folder, compat.submitit_command(self.executor), map_count
         )

@@ -206,7 +206,8 @@ def _start_ray(spec: SweepSpec, cpus: int) -> bool:
     kw: dict[str, Any] = {}
     if not address or address == "local":
         address = "local"
-        kw["num_cpus"] = spec.launcher.max_workers or spec.sweep.parallelism * cpus
+        workers = getattr(spec.launcher, "max_workers", None)  # local and ray have it
+        kw["num_cpus"] = workers or spec.sweep.parallelism * cpus
     ray.init(
         address=address,
         include_dashboard=False,
@@ -245,9 +246,9 @@ def run_ray_sweep(spec: SweepSpec) -> SweepSummary:
     from ray import tune
 
     t0 = time.time()
-    cpus = spec.launcher.cpus_per_task or 1
+    cpus = getattr(spec.launcher, "cpus_per_task", None) or 1  # ray's options
     resources: dict[str, float] = {"cpu": cpus}
-    if spec.launcher.gpus_per_task:
+    if getattr(spec.launcher, "gpus_per_task", None):
         resources["gpu"] = spec.launcher.gpus_per_task
     template = trial_template(spec)
     tracker, parent = open_parent(spec, template)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from windtunnel.launch.base import LauncherConfig
+from windtunnel.launch.options import launcher_options
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
@@ -111,8 +111,12 @@ class SweepSpec:
     """A whole spec: the sweep, the launcher and the base run overrides."""
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = field(default_factory=lambda: {"name": "local"})
+    """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.launcher = launcher_options(self.launcher)
 
     @property
     def folder(self) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from windtunnel.files import atomic_write
 from windtunnel.tracking.api import RestClient, RestError, kv
 from windtunnel.tracking.server import is_healthy
 
@@ -118,9 +119,7 @@ class SyncState:
             "runs": self.runs,
             "experiment_ids": self.experiment_ids,
         }
-        tmp = self.path.with_name(f".{SYNCED_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(doc, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------

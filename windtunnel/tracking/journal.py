@@ -21,7 +21,6 @@ Every event is written and flushed to the OS when it is logged (a killed process
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import operator
@@ -34,6 +33,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from windtunnel.files import LockHeld, acquire
 
 log = logging.getLogger("windtunnel.tracking")
 
@@ -291,7 +292,7 @@ class JournalRun:
             self._finished = True
             self._f.close()
             if self._lock is not None:
-                self._lock.close()  # releases the flock
+                self._lock.release()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -336,16 +337,14 @@ class JournalRun:
 
 
 def _try_lock(path: Path) -> Any:
-    """Hold an exclusive ``flock`` on ``path`` for the run's life: replay skips a journal whose
-    writer is alive, and a second live writer of the same run folder is reported."""
-    f = open(path, "a")  # noqa: SIM115
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    """Hold an exclusive lock on ``path`` for the run's life (released by `finish`, or by the
+    kernel when the process dies): replay skips a journal whose writer is alive, and a second
+    live writer of the same run folder is reported."""
+    try:  # any thread may finish the run: the hold is the process's, not the thread's
+        return acquire(path, blocking=False, thread_local=False)
+    except LockHeld:
         log.warning("%s is held by another live process: two writers of one run?", path)
-        f.close()
         return None
-    return f
 
 
 def _ends_with_newline(path: Path) -> bool:

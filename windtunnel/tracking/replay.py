@@ -8,13 +8,13 @@ SQL store drops an exact duplicate point.)
 
 from __future__ import annotations
 
-import fcntl
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from windtunnel.files import LockHeld, acquire
 from windtunnel.tracking.api import kv, metric
 from windtunnel.tracking.backend import (
     MAX_METRICS,
@@ -219,18 +219,16 @@ class ReplayResult:
 
 
 def _replay_one(path: Path, backend: Backend, result: ReplayResult, depth: int = 0) -> None:
-    lock = path.with_name(LOCK_NAME)
-    with open(lock, "a") as lf:
-        try:
-            fcntl.flock(lf, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            result.skipped_live.append(str(path))
-            return
-        try:
-            state = SyncState.load(path, backend.uri)
-            deliver(backend, state, iter_events(path, state.offset), result=result, depth=depth)
-        finally:
-            fcntl.flock(lf, fcntl.LOCK_UN)
+    try:
+        held = acquire(path.with_name(LOCK_NAME), blocking=False)
+    except LockHeld:  # its writer is alive and delivers it itself
+        result.skipped_live.append(str(path))
+        return
+    try:
+        state = SyncState.load(path, backend.uri)
+        deliver(backend, state, iter_events(path, state.offset), result=result, depth=depth)
+    finally:
+        held.release()
 
 
 def replay_journal(path: Path, tracking_uri: str) -> ReplayResult:

@@ -11,9 +11,7 @@ No ``import mlflow`` here: the server runs in its own process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from windtunnel.files import lock
+from windtunnel.procs import terminate
 
 START_TIMEOUT_S = 90.0
 LOG_NAME, PID_NAME, LOCK_NAME = "mlflow-server.log", "mlflow-server.pid", "mlflow-server.lock"
@@ -89,28 +90,24 @@ def ensure_server(cfg: Any, *, timeout_s: float = START_TIMEOUT_S) -> str:
         return uri
     home = Path(cfg.home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then reuses
-        try:
-            if is_healthy(uri):
-                return uri
-            running = _running_port(home)
-            if running is not None:  # never a second server (a second writer) on one store
-                if running != int(cfg.port):
-                    raise ServerError(
-                        f"the MLflow server of {home} runs on port {running}, not {cfg.port}: "
-                        f"set tracker.port={running}, or stop it (stop_server({str(home)!r}))"
-                    )
-                if _wait_healthy(uri, None, timeout_s):
-                    return uri
-                raise ServerError(
-                    f"the MLflow server of {home} (pid {_read_pid(home)}) does not answer on "
-                    f"{uri}/health; see {home / LOG_NAME}, or stop it (stop_server)"
-                )
-            _start(home, int(cfg.port), timeout_s)
+    with lock(home / LOCK_NAME):  # a second process waits here, then reuses
+        if is_healthy(uri):
             return uri
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        running = _running_port(home)
+        if running is not None:  # never a second server (a second writer) on one store
+            if running != int(cfg.port):
+                raise ServerError(
+                    f"the MLflow server of {home} runs on port {running}, not {cfg.port}: "
+                    f"set tracker.port={running}, or stop it (stop_server({str(home)!r}))"
+                )
+            if _wait_healthy(uri, None, timeout_s):
+                return uri
+            raise ServerError(
+                f"the MLflow server of {home} (pid {_read_pid(home)}) does not answer on "
+                f"{uri}/health; see {home / LOG_NAME}, or stop it (stop_server)"
+            )
+        _start(home, int(cfg.port), timeout_s)
+        return uri
 
 
 def server_command(home: Path, port: int) -> list[str]:
@@ -238,29 +235,11 @@ def stop_server(home: str | Path, *, timeout_s: float = 15.0) -> bool:
     (home / PID_NAME).unlink(missing_ok=True)
     if pid is None:
         return False
-    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)  # the server is its own session and group leader
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc = _STARTED.get(str(home))
-            if proc is not None and proc.pid == pid:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.1)
-            if _dead(pid):
-                _STARTED.pop(str(home), None)
-                return True
-            time.sleep(0.1)
-    return True
-
-
-def _dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].startswith("Z")
+    proc = _STARTED.get(str(home))
+    target = proc if proc is not None and proc.pid == pid else pid  # our child: reap it too
+    # the server is its own session and group leader: stop the whole group
+    if terminate(target, group=True, grace_s=timeout_s):
+        _STARTED.pop(str(home), None)
     return True
 
 

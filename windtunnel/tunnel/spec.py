@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from windtunnel.launch.base import LauncherConfig
+from windtunnel.launch.options import launcher_options
 
 SWEEP_STAGES = ("mup_search", "lr_transfer", "batch_size", "ladder")
 STAGES = (*SWEEP_STAGES, "fit", "plan", "backtest")
@@ -98,9 +99,13 @@ class TunnelConfig:
 @dataclass(kw_only=True)
 class TunnelSpec:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: Any = field(default_factory=lambda: {"name": "local"})
+    """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
     """Command-line run overrides (appended after ``tunnel.run``)."""
+
+    def __post_init__(self) -> None:
+        self.launcher = launcher_options(self.launcher)
 
     @property
     def folder(self) -> Path:

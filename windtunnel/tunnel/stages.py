@@ -8,7 +8,6 @@ needs no tracking server to compute anything, and a rerun reads the same files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,10 @@ def _stage_launcher(tf: TunnelSpec, overrides: list[str]) -> Any:
     ``launcher.trials_per_job=8`` for the 9M search but not for the 0.5B ladder)."""
     from omegaconf import OmegaConf
 
-    base = OmegaConf.structured(dataclasses.replace(tf.launcher))
-    merged = OmegaConf.merge(
-        base, OmegaConf.from_dotlist([o[len("launcher.") :] for o in overrides])
-    )
-    return OmegaConf.to_object(merged)
+    from windtunnel.launch.options import launcher_options
+
+    own = OmegaConf.from_dotlist([o[len("launcher.") :] for o in overrides])
+    return launcher_options(OmegaConf.merge(tf.launcher.as_dict(changed_only=True), own))
 
 
 def lr_grid_overrides(spec: SweepSpec, lr: float, factors: list[float]) -> SweepSpec:

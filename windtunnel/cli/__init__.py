@@ -239,9 +239,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 DELEGATED = {
-    "fit": ("windtunnel.scaling.cli:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
+    "fit": ("windtunnel.cli.fit:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
     "plan": (
-        "windtunnel.scaling.cli:plan_main",
+        "windtunnel.cli.fit:plan_main",
         "plan the full run from a fit (`windtunnel plan --help`)",
     ),
 }

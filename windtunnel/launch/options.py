@@ -1,0 +1,185 @@
+"""Launcher options: one keyword-only dataclass per backend, built from a plain mapping.
+
+What Hydra composes from ``conf/launcher/<name>.yaml`` plus ``launcher.*`` overrides is a plain
+dict; :func:`launcher_options` turns it into the backend's typed options and refuses, with a
+ValueError naming the valid ones, an option the chosen backend does not have::
+
+    launcher_options({"name": "slurm", "partition": "gpu", "timeout_min": 120})
+    # SlurmOptions(name='slurm', trials_per_job=1, partition='gpu', timeout_min=120, ...)
+    launcher_options({"name": "local", "partition": "gpu"})
+    # ValueError: launcher.partition is not an option of launcher=local (it is an option of
+    # launcher=slurm); its options: folder, max_workers, oversubscribe, prewarm, trials_per_job
+
+Values are checked and converted to the field's type (``"8"`` -> 8). This module imports no
+launcher implementation (see :func:`windtunnel.launch.make_launcher` for those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from windtunnel.config import from_dict
+
+
+@dataclass(kw_only=True)
+class LauncherOptions:
+    """What every backend takes."""
+
+    name: str = ""
+    """The backend: ``inline``, ``local``, ``slurm`` or ``ray`` (fixed by each subclass)."""
+    trials_per_job: int = 1
+    """Trials packed into one job, each its own process (they share the job's cores and GPU)."""
+
+    def __post_init__(self) -> None:
+        expected = type(self).__dataclass_fields__["name"].default
+        if expected and self.name != expected:
+            raise ValueError(f"{type(self).__name__} is for launcher={expected}, not {self.name!r}")
+        if not isinstance(self.trials_per_job, int) or self.trials_per_job < 1:
+            raise ValueError(f"launcher.trials_per_job must be >= 1, got {self.trials_per_job!r}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The options of this backend (``name`` excluded), sorted."""
+        return tuple(sorted(f.name for f in dataclasses.fields(cls) if f.name != "name"))
+
+    def as_dict(self, *, changed_only: bool = False) -> dict[str, Any]:
+        """The options as a plain dict with ``name``; ``changed_only``: only those whose value
+        differs from the backend's default."""
+        out = dataclasses.asdict(self)
+        if changed_only:
+            defaults = dataclasses.asdict(type(self)())
+            out = {k: v for k, v in out.items() if k == "name" or v != defaults[k]}
+        return out
+
+
+@dataclass(kw_only=True)
+class InlineOptions(LauncherOptions):
+    """Trials run one after another inside the calling process (tests, debugging)."""
+
+    name: str = "inline"
+
+
+@dataclass(kw_only=True)
+class LocalOptions(LauncherOptions):
+    """Trials run as parallel processes on this machine."""
+
+    name: str = "local"
+    max_workers: int | None = None
+    """Trial processes running at once (default: the usable cores)."""
+    oversubscribe: bool = False
+    """Allow ``max_workers`` above the usable cores (otherwise capped, with a warning)."""
+    prewarm: bool = True
+    """Fork workers from a process that has already imported torch (saves ~3 s per trial)."""
+    folder: str | None = None
+    """Root of the per-launcher job folders (default: a temporary folder, removed at close)."""
+
+
+@dataclass(kw_only=True)
+class SlurmOptions(LauncherOptions):
+    """Trials run as SLURM jobs through submitit (several submitted together: one job array)."""
+
+    name: str = "slurm"
+    folder: str | None = None
+    """Root of the submitit folders (default: ``.windtunnel/submitit`` in the working folder)."""
+    job_name: str = "windtunnel"
+    """``--job-name``."""
+    partition: str | None = None
+    """``--partition``."""
+    gpus_per_node: int | None = None
+    """``--gpus-per-node``."""
+    cpus_per_task: int | None = None
+    """``--cpus-per-task`` (default: ``trials_per_job`` when above 1, else SLURM's default)."""
+    mem_gb: float | None = None
+    """``--mem`` in GB (fractions become MB)."""
+    timeout_min: int = 60
+    """``--time``, in minutes."""
+    array_parallelism: int | None = None
+    """Jobs of one array running at once (``--array=...%N``)."""
+    account: str | None = None
+    """``--account``."""
+    qos: str | None = None
+    """``--qos``."""
+    constraint: str | None = None
+    """``--constraint``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job (``module load ...``, ``source .venv/bin/activate``)."""
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    """Other ``#SBATCH`` flags (``{"exclusive": True}``); not ones the options above manage."""
+    signal_delay_s: int = 90
+    """SIGUSR2 this many seconds before the time limit (the job checkpoints and is requeued)."""
+    max_num_timeout: int = 3
+    """Requeues after hitting the time limit."""
+    checkpointable: bool = True
+    """Requeue a preempted or timed-out call (it resumes from its checkpoint)."""
+    python: str | None = None
+    """Python command on the nodes (default: this interpreter)."""
+    poll_interval_s: float = 2.0
+    """Seconds between ``sacct`` polls of the job states."""
+
+
+@dataclass(kw_only=True)
+class RayOptions(LauncherOptions):
+    """Trials run as Ray tasks, on a private local Ray or an existing cluster."""
+
+    name: str = "ray"
+    address: str | None = None
+    """None or ``local``: start a private local Ray; else a cluster's address (``ray://head:10001``)."""
+    max_workers: int | None = None
+    """CPUs of a local Ray started here (default: all); ignored when joining a cluster."""
+    cpus_per_task: float | None = None
+    """CPUs reserved per task (default: ``trials_per_job``)."""
+    gpus_per_task: float | None = None
+    """GPUs reserved per task (fractions share a GPU)."""
+
+
+OPTIONS: dict[str, type[LauncherOptions]] = {
+    "inline": InlineOptions,
+    "local": LocalOptions,
+    "slurm": SlurmOptions,
+    "ray": RayOptions,
+}
+"""Backend name -> its options class."""
+
+
+def launcher_options(
+    data: LauncherOptions | Mapping[str, Any] | None = None, /, **overrides: Any
+) -> LauncherOptions:
+    """The typed options of the backend ``data["name"]`` (default ``local``), with ``overrides``.
+
+    ``data`` is a plain mapping (what Hydra composes for ``launcher``) or options already typed. Raises ValueError for an unknown backend, an option the backend does
+    not have (naming the valid ones), or a value of the wrong type.
+    """
+    if isinstance(data, LauncherOptions):
+        data = data.as_dict()
+    items = {**(data or {}), **overrides}
+    name = items.pop("name", None) or "local"
+    cls = OPTIONS.get(str(name))
+    if cls is None:
+        raise ValueError(f"unknown launcher {name!r}; valid launchers: {', '.join(OPTIONS)}")
+    valid = cls.option_names()
+    unknown = sorted(k for k in items if k not in valid)
+    if unknown:
+        raise ValueError(_refusal(name, unknown, valid))
+    return _typed(cls, items)
+
+
+def _refusal(name: str, unknown: list[str], valid: tuple[str, ...]) -> str:
+    keys = ", ".join(f"launcher.{k}" for k in unknown)
+    verb = "is not an option" if len(unknown) == 1 else "are not options"
+    owners = sorted({n for k in unknown for n, c in OPTIONS.items() if k in c.option_names()})
+    where = ""
+    if owners:
+        of = ", ".join(f"launcher={n}" for n in owners)
+        where = f" (it is an option of {of})" if len(unknown) == 1 else f" (options of {of})"
+    return f"{keys} {verb} of launcher={name}{where}; its options: {', '.join(valid)}"
+
+
+def _typed(cls: type[LauncherOptions], items: dict[str, Any]) -> LauncherOptions:
+    """``cls(**items)`` with each value checked and converted to its field's type."""
+    try:
+        return from_dict(cls, items)
+    except ValueError as e:
+        raise ValueError(f"bad value of launcher.{e} for launcher={cls().name}") from None

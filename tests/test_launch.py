@@ -42,8 +42,8 @@ from windtunnel.launch import (
     launcher_options,
     make_launcher,
 )
-from windtunnel.launch.base import Outcome
 from windtunnel.launch.checkpoint import Requeueable
+from windtunnel.launch.outcome import Outcome
 from windtunnel.launch.pack import PackRunner
 from windtunnel.launch.slurm import sbatch_script, slurm_parameters
 
@@ -364,7 +364,10 @@ def test_launch_registry_imports_lazily():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    assert out.strip() == "['windtunnel.launch.base', 'windtunnel.launch.options']"
+    assert (
+        out.strip()
+        == "['windtunnel.launch.base', 'windtunnel.launch.options', 'windtunnel.launch.outcome']"
+    )
     assert set(LAUNCHERS) == set(OPTIONS)
     for name in LAUNCHERS:
         assert launcher_class(name).name == name

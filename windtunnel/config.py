@@ -278,6 +278,14 @@ def _value(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+class FieldTypeError(ValueError):
+    """A config value of the wrong type: ``key``, the value, and the type it should be."""
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r}: expected {expected}")
+
+
 def _scalar(tp: type, value: Any, where: str) -> Any:
     """``value`` as a ``tp``, converting only what is unambiguous (3 → 3.0, "3" → 3)."""
     if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
@@ -293,7 +301,7 @@ def _scalar(tp: type, value: Any, where: str) -> Any:
             number = None
         if number is not None and (tp is float or number.is_integer()):
             return tp(number)
-    raise ValueError(f"{where}={value!r}: expected {tp.__name__}")
+    raise FieldTypeError(where, value, tp.__name__)
 
 
 def to_run_config(data: Mapping[str, Any]) -> RunConfig:

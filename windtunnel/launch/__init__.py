@@ -24,12 +24,8 @@ from windtunnel.launch.base import (
     FINISHED_STATES,
     PENDING,
     RUNNING,
-    JobCancelled,
-    JobFailed,
     JobHandle,
     Launcher,
-    LaunchError,
-    TrialError,
     wait_all,
 )
 from windtunnel.launch.options import (
@@ -41,6 +37,7 @@ from windtunnel.launch.options import (
     SlurmOptions,
     launcher_options,
 )
+from windtunnel.launch.outcome import JobCancelled, JobFailed, LaunchError, TrialError
 
 _IMPLEMENTATIONS: dict[str, str] = {
     "inline": "windtunnel.launch.inline:InlineLauncher",

@@ -10,9 +10,9 @@ from windtunnel.launch.base import (
     Call,
     JobHandle,
     Launcher,
-    Outcome,
 )
 from windtunnel.launch.options import InlineOptions
+from windtunnel.launch.outcome import Outcome
 
 _ids = itertools.count()
 

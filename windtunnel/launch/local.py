@@ -39,10 +39,9 @@ from windtunnel.launch.base import (
     Call,
     JobHandle,
     Launcher,
-    Outcome,
-    usable_cores,
 )
 from windtunnel.launch.options import LocalOptions
+from windtunnel.launch.outcome import Outcome, usable_cores
 from windtunnel.launch.pack import describe_exit
 from windtunnel.procs import send_signal, terminate
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from windtunnel.config import from_dict
+from windtunnel.config import FieldTypeError, from_dict
 
 
 @dataclass(kw_only=True)
@@ -181,5 +181,8 @@ def _typed(cls: type[LauncherOptions], items: dict[str, Any]) -> LauncherOptions
     """``cls(**items)`` with each value checked and converted to its field's type."""
     try:
         return from_dict(cls, items)
-    except ValueError as e:
-        raise ValueError(f"bad value of launcher.{e} for launcher={cls().name}") from None
+    except FieldTypeError as e:
+        raise ValueError(
+            f"bad value of launcher.{e.key} for launcher={cls().name}: {e.value!r} is not "
+            f"{'an' if e.expected == 'int' else 'a'} {e.expected}"
+        ) from None

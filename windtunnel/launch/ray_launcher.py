@@ -22,9 +22,9 @@ from windtunnel.launch.base import (
     Call,
     JobHandle,
     Launcher,
-    Outcome,
 )
 from windtunnel.launch.options import RayOptions
+from windtunnel.launch.outcome import Outcome
 
 RAY_ENV = {
     # stay on loopback: Ray otherwise rewrites 127.0.0.1 to the machine's other address

@@ -39,9 +39,9 @@ from windtunnel.launch.base import (
     Call,
     JobHandle,
     Launcher,
-    Outcome,
 )
 from windtunnel.launch.options import SlurmOptions, launcher_options
+from windtunnel.launch.outcome import Outcome
 
 PREEMPTED_FINAL_S = 120.0  # PREEMPTED this long without a requeue: preempted for good
 RESULT_GRACE_S = 3.0  # a finished job's result file may show up a little after sacct says so

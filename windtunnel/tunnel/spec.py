@@ -1,6 +1,7 @@
 """Tunnel specs: ``tunnels/<name>.yaml``, Hydra-composed with the ``launcher`` group.
 
-A tunnel chains the stages of DESIGN §1, each a sweep spec from ``sweeps/`` (or a pure step)::
+A tunnel chains the stages of DESIGN §1 (:mod:`windtunnel.tunnel.stages`), each a sweep spec from
+``sweeps/`` (or a pure step); ``tunnel.<stage>`` holds its settings::
 
     defaults: [tunnel_schema, {launcher: local}, _self_]
     tunnel:
@@ -24,9 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from windtunnel.launch.base import LauncherConfig
-
-SWEEP_STAGES = ("mup_search", "lr_transfer", "batch_size", "ladder")
-STAGES = (*SWEEP_STAGES, "fit", "plan", "backtest")
 
 
 @dataclass(kw_only=True)
@@ -110,14 +108,17 @@ class TunnelSpec:
         return stage not in self.tunnel.skip and getattr(self.tunnel, stage).enabled
 
     def validate(self) -> None:
+        from windtunnel.tunnel.stages import NAMES
+
         t, problems = self.tunnel, []
-        unknown = [s for s in t.skip if s not in STAGES]
+        unknown = [s for s in t.skip if s not in NAMES]
         if unknown:
-            problems.append(f"tunnel.skip has unknown stage(s) {unknown}: stages are {STAGES}")
+            problems.append(f"tunnel.skip has unknown stage(s) {unknown}: stages are {NAMES}")
         if not t.name or "/" in t.name:
             problems.append(f"tunnel.name={t.name!r}: a non-empty name without '/'")
-        for s in SWEEP_STAGES:
-            if self.enabled(s) and not getattr(t, s).sweep:
+        for s in NAMES:
+            st = getattr(t, s)
+            if isinstance(st, SweepStage) and self.enabled(s) and not st.sweep:
                 problems.append(f"tunnel.{s}.sweep is empty: name a spec in sweeps/")
         if t.fit.form not in ("chinchilla", "minicpm"):
             problems.append(f"tunnel.fit.form={t.fit.form!r}: chinchilla or minicpm")

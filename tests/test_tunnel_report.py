@@ -6,6 +6,7 @@ The report of a real tunnel, rendered by the runner, is checked in ``test_tunnel
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -22,9 +23,17 @@ from windtunnel.scaling import plots as scaling_plots
 from windtunnel.scaling.batch_lr import BatchSizeLaw, mutransfer_check
 from windtunnel.scaling.bootstrap import BootstrapResult
 from windtunnel.scaling.plan import make_plan
+from windtunnel.sweep.driver import SweepSummary
 from windtunnel.tunnel import plots
-from windtunnel.tunnel.report import backtest_verdict, write_report
-from windtunnel.tunnel.stages import ladder_points
+from windtunnel.tunnel.report import write_report
+from windtunnel.tunnel.stages.backtest import BacktestResult, backtest_verdict
+from windtunnel.tunnel.stages.batch_size import BatchSizeResult
+from windtunnel.tunnel.stages.fit import FitResult
+from windtunnel.tunnel.stages.ladder import LadderPoint, LadderResult, ladder_points
+from windtunnel.tunnel.stages.lr_transfer import LrTransferResult
+from windtunnel.tunnel.stages.mup_search import MupResult
+from windtunnel.tunnel.stages.plan import PlanResult
+from windtunnel.tunnel.stages.sweeps import TrialRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAW = DataModelLaw.from_minicpm(C_N=7.15e-2, C_D=3.00e-1, alpha=0.29, beta=0.23, L0=0.31)
@@ -166,23 +175,30 @@ def _fake_state(folder: Path) -> dict[str, Any]:
     """A finished tunnel: every stage done, with results shaped like the runner's."""
     pl, fit_dir = folder / "plots", folder / "fit"
     mup_trials = _mup_trials()
-    mup = {
-        "summary": {
-            "n_trials": 12,
-            "n_complete": 8,
-            "n_pruned": 3,
-            "n_failed": 1,
-            "best_value": 2.4123,
-            "best_trial": 4,
-            "failures": {"5": "diverged: loss is nan"},
-            "best_params": {"lr": 0.0123},
-        },
-        "trials": mup_trials,
-        "best_value": 2.4123,
-        "best_params": {"optim.lr": 0.0123, "model.scale_emb": 12.0, "model.init_std": 0.0866},
-        "best_overrides": ["optim.lr=0.0123", "model.scale_emb=12.0", "model.init_std=0.0866"],
-        "plots": [str(plots.search_history(mup_trials, pl, "val_bpb"))],
-    }
+    mup = MupResult(
+        summary=SweepSummary(
+            study="mup_search",
+            storage="journal:optuna.journal",
+            n_trials=12,
+            n_complete=8,
+            n_pruned=3,
+            n_failed=1,
+            best_value=2.4123,
+            best_params={"lr": 0.0123},
+            best_trial=4,
+            best_overrides=["optim.lr=0.0123"],
+            parent_run_id="",
+            tracking_uri="",
+            folder=str(folder / "sweeps" / "mup_search"),
+            failures={5: "diverged: loss is nan"},
+        ),
+        trials=[TrialRecord(**t) for t in mup_trials],
+        best_value=2.4123,
+        best_params={"optim.lr": 0.0123, "model.scale_emb": 12.0, "model.init_std": 0.0866},
+        best_overrides=["optim.lr=0.0123", "model.scale_emb=12.0", "model.init_std=0.0866"],
+        objective="val_bpb",
+        plots=[str(plots.search_history(mup_trials, pl, "val_bpb"))],
+    )
     lrs = [0.003, 0.006, 0.0123, 0.025, 0.05]
     lr_table = pd.DataFrame(
         [
@@ -228,39 +244,39 @@ def _fake_state(folder: Path) -> dict[str, Any]:
     bt = _backtest_table()
     stages = {
         "mup_search": mup,
-        "lr_transfer": {
-            "table": lr_table.to_dict(orient="records"),
-            "mup_lr": 0.0123,
-            "check": check.to_dict(),
-            "plots": [str(scaling_plots.lr_sweeps(lr_table, check, pl, target="bpb"))],
-        },
-        "batch_size": {
-            "law": {**law.to_dict(), "points": points.to_dict(orient="records")},
-            "plots": [str(scaling_plots.batch_size_law(law, pl))],
-        },
-        "ladder": {
-            "points": df.to_dict(orient="records"),
-            "plots": [str(plots.ladder_curves(ladder, pl, "bpb"))],
-        },
-        "fit": {
-            "fit_file": str(fit_dir / "fit.json"),
-            "summary": _fit_summary(),
-            "plots": [str(p) for p in fit_plots],
-        },
-        "plan": {
-            **plan.to_dict(),
-            "config": str(folder / "plan" / "full_run.yaml"),
-            "yaml": plan.to_yaml(),
-        },
-        "backtest": {
-            "mode": "largest",
-            "mean_abs_rel_error": 0.00445,
-            "max_abs_rel_error": 0.0084,
-            "points": bt.to_dict(orient="records"),
-            "target_error": 0.01,
-            "min_extrapolation": 10.4,
-            "plots": [str(plots.backtest(bt, pl, "bpb"))],
-        },
+        "lr_transfer": LrTransferResult(
+            table=lr_table.to_dict(orient="records"),
+            mup_lr=0.0123,
+            check=check.to_dict(),
+            plots=[str(scaling_plots.lr_sweeps(lr_table, check, pl, target="bpb"))],
+        ),
+        "batch_size": BatchSizeResult(
+            law={**law.to_dict(), "points": points.to_dict(orient="records")},
+            plots=[str(scaling_plots.batch_size_law(law, pl))],
+        ),
+        "ladder": LadderResult(
+            points=[LadderPoint(**r) for r in df.to_dict(orient="records")],
+            plots=[str(plots.ladder_curves(ladder, pl, "bpb"))],
+        ),
+        "fit": FitResult(
+            fit_file=str(fit_dir / "fit.json"),
+            summary=_fit_summary(),
+            plots=[str(p) for p in fit_plots],
+        ),
+        "plan": PlanResult(
+            **vars(plan),
+            config=str(folder / "plan" / "full_run.yaml"),
+            yaml=plan.to_yaml(),
+        ),
+        "backtest": BacktestResult(
+            mode="largest",
+            mean_abs_rel_error=0.00445,
+            max_abs_rel_error=0.0084,
+            points=bt.to_dict(orient="records"),
+            target_error=0.01,
+            min_extrapolation=10.4,
+            plots=[str(plots.backtest(bt, pl, "bpb"))],
+        ),
     }
     return {
         "tunnel": {
@@ -271,7 +287,7 @@ def _fake_state(folder: Path) -> dict[str, Any]:
             "plan": {"budget_flops": 1e21, "gpu": "h100", "mfu": 0.4},
         },
         "stages": {
-            k: {"status": "done", "key": "k", "seconds": 12.5, "result": v}
+            k: {"status": "done", "key": "k", "seconds": 12.5, "result": dataclasses.asdict(v)}
             for k, v in stages.items()
         },
     }
@@ -353,13 +369,15 @@ def test_plot_outside_the_folder_is_copied(tmp_path: Path) -> None:
         "stages": {
             "backtest": {
                 "status": "done",
-                "result": {
-                    "max_abs_rel_error": 0.0084,
-                    "min_extrapolation": 10.4,
-                    "target_error": 0.01,
-                    "points": _backtest_table().to_dict(orient="records"),
-                    "plots": [str(elsewhere)],
-                },
+                "result": dataclasses.asdict(
+                    BacktestResult(
+                        max_abs_rel_error=0.0084,
+                        min_extrapolation=10.4,
+                        target_error=0.01,
+                        points=_backtest_table().to_dict(orient="records"),
+                        plots=[str(elsewhere)],
+                    )
+                ),
             }
         },
     }
@@ -382,11 +400,11 @@ def test_skipped_and_failed_stages_render_with_reasons(tmp_path: Path) -> None:
             "lr_transfer": {
                 "status": "done",
                 "seconds": 3.0,
-                "result": {
-                    "table": [],
-                    "mup_lr": None,
-                    "check": {"skipped": "the μTransfer check needs lr sweeps at ≥2 widths"},
-                },
+                "result": dataclasses.asdict(
+                    LrTransferResult(
+                        check={"skipped": "the μTransfer check needs lr sweeps at ≥2 widths"}
+                    )
+                ),
             },
             "batch_size": {"status": "skipped"},
             "ladder": {"status": "running", "key": "k"},
@@ -413,11 +431,56 @@ def test_skipped_and_failed_stages_render_with_reasons(tmp_path: Path) -> None:
 
 
 def test_backtest_verdict_says_which_part_missed() -> None:
-    r = {"max_abs_rel_error": 0.0084, "target_error": 0.01, "min_extrapolation": 12.0}
+    r = BacktestResult(max_abs_rel_error=0.0084, target_error=0.01, min_extrapolation=12.0)
     assert backtest_verdict(r).startswith("Target met")
-    short = backtest_verdict({**r, "min_extrapolation": 2.1})
+    short = backtest_verdict(dataclasses.replace(r, min_extrapolation=2.1))
     assert "Target not met" in short and "only 2.1×" in short and "error" not in short.split(":")[1]
-    big = backtest_verdict({**r, "max_abs_rel_error": 0.023})
+    big = backtest_verdict(dataclasses.replace(r, max_abs_rel_error=0.023))
     assert "2.30% is above 1.00%" in big and "only" not in big
-    both = backtest_verdict({**r, "max_abs_rel_error": 0.023, "min_extrapolation": 2.1})
+    both = backtest_verdict(dataclasses.replace(r, max_abs_rel_error=0.023, min_extrapolation=2.1))
     assert "2.30% is above 1.00%" in both and "only 2.1×" in both
+
+
+def test_results_read_back_into_their_dataclasses(full: tuple[Path, dict, dict]) -> None:
+    """state.json keeps ``asdict(result)``; every stage reads it back to the same layout."""
+    from windtunnel.tunnel.stages import NAMES, STAGES
+
+    _, state, _ = full
+    assert tuple(state["stages"]) == NAMES
+    for stage in STAGES:
+        raw = state["stages"][stage.name]["result"]
+        result = stage.load(raw)
+        assert isinstance(result, stage.result_type)
+        assert json.loads(json.dumps(stage.dump(result), default=str)) == raw, stage.name
+    with pytest.raises(ValueError, match="unknown config key"):
+        STAGES[-1].load({**state["stages"]["backtest"]["result"], "extra": 1})
+
+
+def test_state_is_versioned(tmp_path: Path, full: tuple[Path, dict, dict]) -> None:
+    from windtunnel.tunnel.runner import (
+        STATE_VERSION,
+        TunnelError,
+        check_results,
+        load_state,
+        save_state,
+        summarize,
+    )
+
+    _, state, _ = full
+    path = tmp_path / "t" / "state.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(state))  # no version: written before states had one
+    old = load_state(path)
+    assert old["version"] == STATE_VERSION == 1
+    check_results(old, path)
+    rows = {r["stage"]: r for r in summarize(old, path.parent)["stages"]}
+    assert rows["ladder"]["headline"] == "9 points from 3 sizes (micro_m, micro_s, micro_xs)"
+    save_state(path, old)
+    assert json.loads(path.read_text())["version"] == STATE_VERSION
+    path.write_text(json.dumps({**state, "version": STATE_VERSION + 1}))
+    with pytest.raises(TunnelError, match=r"version-2 tunnel state.*delete .* or use a new"):
+        load_state(path)
+    bad = json.loads(json.dumps(state))
+    bad["stages"]["fit"]["result"]["chi2"] = 1.0
+    with pytest.raises(TunnelError, match="the fit result is not one this windtunnel reads"):
+        check_results(bad, path)

@@ -153,6 +153,18 @@ def split_overrides(
     return mine, [o for o in overrides or [] if o not in mine]
 
 
+def parse_dotlist(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x,y]"]`` → ``{"a": {"b": 1}, "c": ["x", "y"]}`` (Hydra's value grammar)."""
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except _hydra_errors() as e:
+        raise ValueError(f"bad override in {list(overrides)}: {e}") from None
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
 def as_override(key: str, value: Any) -> str:
     """A value as a Hydra override (floats keep full precision)."""
     if isinstance(value, float):

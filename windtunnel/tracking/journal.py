@@ -361,3 +361,16 @@ def _parent_ref(parent: Any) -> tuple[str | None, str | None]:
         return parent, None
     journal = getattr(parent, "journal_path", None)
     return parent.run_id, (str(journal) if journal else None)
+
+
+def metric_series(path: Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one metric in a run's journal (the last value per step; [] when
+    the run wrote no journal)."""
+    if not path.is_file():
+        return []
+    seen = {
+        int(ev["step"]): float(ev["values"][key])
+        for ev, _ in iter_events(path)
+        if ev["ev"] == "metrics" and key in ev.get("values", {})
+    }
+    return sorted(seen.items())

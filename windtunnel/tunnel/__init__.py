@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from windtunnel.tunnel.dryrun import DryRun, dry_run
 from windtunnel.tunnel.runner import TunnelError, run_tunnel, status
-from windtunnel.tunnel.spec import STAGES, TunnelConfig, TunnelSpec, load_tunnel
+from windtunnel.tunnel.spec import TunnelConfig, TunnelSpec, load_tunnel
+from windtunnel.tunnel.stages import NAMES as STAGES  # names; stages.STAGES: the Stage objects
 from windtunnel.tunnel.view import list_tunnels, print_status
 
 __all__ = [

@@ -15,23 +15,8 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.scaling.plots import _plt, _save
-from windtunnel.tunnel.stages import journal_metrics
-
-
-def si(x: float) -> str:
-    """``1.2e8`` → ``120M`` (parameters, tokens)."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def extrapolation_span(factors: list[float]) -> str:
-    """``[2.1, 12.5]`` → ``2.1–12.5×`` (held-out compute over the largest fitted compute)."""
-    if not factors:
-        return "n/a"
-    lo, hi = min(factors), max(factors)
-    return f"{lo:.1f}×" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}×"
+from windtunnel.tracking.journal import metric_series
+from windtunnel.tunnel.render import extrapolation_span, si
 
 
 def _metric(target: str) -> str:
@@ -117,7 +102,7 @@ def ladder_curves(trials: list[dict[str, Any]], out: Path, target: str) -> Path:
         labelled.add(name)
         curve = [
             (s, v)
-            for s, v in journal_metrics(Path(t["run_dir"]) / "journal.jsonl", key)
+            for s, v in metric_series(Path(t["run_dir"]) / "journal.jsonl", key)
             if s > 0 and math.isfinite(v)
         ]
         if curve:

@@ -1,6 +1,7 @@
 """Tunnel specs: ``tunnels/<name>.yaml``, Hydra-composed with the ``launcher`` group.
 
-A tunnel chains the stages of DESIGN §1, each a sweep spec from ``sweeps/`` (or a pure step)::
+A tunnel chains the stages of DESIGN §1 (:mod:`windtunnel.tunnel.stages`), each a sweep spec from
+``sweeps/`` (or a pure step); ``tunnel.<stage>`` holds its settings::
 
     defaults: [tunnel_schema, {launcher: local}, _self_]
     tunnel:
@@ -20,14 +21,12 @@ A tunnel chains the stages of DESIGN §1, each a sweep spec from ``sweeps/`` (or
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from windtunnel.launch.options import launcher_options
-
-SWEEP_STAGES = ("mup_search", "lr_transfer", "batch_size", "ladder")
-STAGES = (*SWEEP_STAGES, "fit", "plan", "backtest")
 
 
 @dataclass(kw_only=True)
@@ -116,13 +115,15 @@ class TunnelSpec:
 
     def validate(self) -> None:
         t, problems = self.tunnel, []
-        unknown = [s for s in t.skip if s not in STAGES]
+        NAMES = stage_names()
+        unknown = [s for s in t.skip if s not in NAMES]
         if unknown:
-            problems.append(f"tunnel.skip has unknown stage(s) {unknown}: stages are {STAGES}")
+            problems.append(f"tunnel.skip has unknown stage(s) {unknown}: stages are {NAMES}")
         if not t.name or "/" in t.name:
             problems.append(f"tunnel.name={t.name!r}: a non-empty name without '/'")
-        for s in SWEEP_STAGES:
-            if self.enabled(s) and not getattr(t, s).sweep:
+        for s in NAMES:
+            st = getattr(t, s)
+            if isinstance(st, SweepStage) and self.enabled(s) and not st.sweep:
                 problems.append(f"tunnel.{s}.sweep is empty: name a spec in sweeps/")
         if t.fit.form not in ("chinchilla", "minicpm"):
             problems.append(f"tunnel.fit.form={t.fit.form!r}: chinchilla or minicpm")
@@ -134,6 +135,15 @@ class TunnelSpec:
             problems.append("tunnel.lr_transfer.lr_factors must be positive")
         if problems:
             raise ValueError("invalid tunnel spec: " + "; ".join(problems))
+
+
+def stage_names() -> tuple[str, ...]:
+    """The stages a tunnel spec has settings for (``tunnel.<stage>``: one per stage module)."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(TunnelConfig)
+        if callable(f.default_factory) and hasattr(f.default_factory(), "enabled")
+    )
 
 
 def load_tunnel(experiment: str | Path, overrides: list[str] | None = None) -> TunnelSpec:

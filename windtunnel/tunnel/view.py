@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ def list_tunnels(overrides: list[str]) -> list[dict[str, Any]]:
     for o in overrides:
         if o.startswith("tunnel.dir="):
             root = Path(o.split("=", 1)[1])
-    from windtunnel.tunnel.runner import summarize
+    from windtunnel.tunnel.runner import load_state, summarize
 
-    return [
-        summarize(json.loads(p.read_text()), p.parent) for p in sorted(root.glob("*/state.json"))
-    ]
+    return [summarize(load_state(p), p.parent) for p in sorted(root.glob("*/state.json"))]

@@ -1,0 +1,99 @@
+"""The planned full run: the compute-optimal model at the budget, shaped, costed and written as
+an experiment config (``plan/full_run.yaml``) with the μP hyperparameters found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from windtunnel.scaling.plan import Plan
+from windtunnel.tunnel.render import Block, iv, loss, size
+from windtunnel.tunnel.spec import PlanStage
+from windtunnel.tunnel.stage import Context, PureStage, TunnelError
+from windtunnel.tunnel.stages import fit, mup_search
+
+
+@dataclass
+class PlanResult(Plan):
+    """The planner's :class:`~windtunnel.scaling.plan.Plan` and the config written from it."""
+
+    config: str = ""
+    """``plan/full_run.yaml``."""
+    yaml: str = ""
+    """Its text."""
+
+
+class PlanFullRun(PureStage[PlanResult]):
+    name = "plan"
+    settings_type = PlanStage
+    result_type = PlanResult
+    titles = ("Planned full run",)
+
+    def run(self, ctx: Context) -> PlanResult:
+        from windtunnel.scaling.plan import load_fit_file, make_plan
+
+        found = ctx.result(fit.STAGE)
+        if found is None:
+            raise TunnelError("the plan needs the fit: run the fit stage first")
+        p = self.settings(ctx.tf)
+        mup = {
+            k.removeprefix("model."): v
+            for k, v in mup_search.best_params(ctx).items()
+            if k.startswith("model.")
+        }
+        plan = make_plan(
+            load_fit_file(found.fit_file),
+            budget_flops=p.budget_flops,
+            gpu=p.gpu,
+            mfu=p.mfu,
+            seq_len=p.seq_len,
+            vocab_size=p.vocab_size,
+            mup=mup,
+            name=f"{ctx.tf.tunnel.name}_full",
+        )
+        out = ctx.folder / "plan"
+        out.mkdir(exist_ok=True)
+        text = plan.to_yaml()
+        (out / "full_run.yaml").write_text(text)
+        return PlanResult(
+            **{f.name: getattr(plan, f.name) for f in fields(Plan)},
+            config=str(out / "full_run.yaml"),
+            yaml=text,
+        )
+
+    def headline(self, r: PlanResult) -> str:
+        return (
+            f"{r.N / 1e9:.2f}B params × {r.D / 1e9:.0f}B tokens, predicted {r.target} "
+            f"{r.loss:.3f}, {r.gpu_hours:,.0f} {r.gpu.upper()}-hours"
+        )
+
+    def metrics(self, r: PlanResult) -> dict[str, float]:
+        return {"plan.N": r.N, "plan.D": r.D, "plan.loss": r.loss, "plan.gpu_hours": r.gpu_hours}
+
+    def artifacts(self, r: PlanResult) -> list[Path]:
+        return [Path(r.config)]
+
+    def section(self, r: PlanResult, title: str) -> list[Block]:
+        sh = r.shape
+        rows = [
+            ["model", str(r.name)],
+            [
+                "shape",
+                f"{sh.n_layers} layers, d_model {sh.d_model}, {sh.n_heads} heads "
+                f"({sh.n_kv_heads} kv), d_ff {sh.d_ff}",
+            ],
+            ["N (non-embedding parameters)", f"{size(r.N)} ({r.N:,})"],
+            ["D (tokens)", f"{size(r.D)} ({r.D:,})"],
+            ["tokens per parameter", f"{r.tokens_per_param:.1f}"],
+            [f"predicted {r.target}", f"{loss(r.loss)}, interval {iv(r.loss_interval, loss)}"],
+            ["batch", f"{r.batch_size} × {r.seq_len} = {size(r.batch_tokens)} tokens"],
+            ["compute", f"{r.C_6ND:.3g} FLOPs (6ND)"],
+            ["cost", f"{r.gpu_hours:,.0f} {r.gpu.upper()}-hours at {r.mfu:.0%} MFU"],
+        ]
+        out: list[Block] = [("table", ["", "planned full run"], rows)]
+        if r.notes:
+            out += ["Planner notes:", ("list", list(r.notes))]
+        return [*out, f"Experiment config ({r.config}):", ("code", r.yaml, "yaml")]
+
+
+STAGE = PlanFullRun()

@@ -20,17 +20,21 @@ demo: install ## set up and run the CPU wind tunnel (tunnels/demo.yaml): search,
 	$(WT) prepare
 	$(WT) tunnel demo
 
-test: install ## set up and run every test (lint, unit, integration with real services)
+test: install ## set up and run every test (lint, layers, types, unit, integration with real services)
 	$(VENV)/bin/ruff check windtunnel tests
 	$(VENV)/bin/ruff format --check windtunnel tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install ## unit tests only (no services, no slow tests)
 	$(VENV)/bin/pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
-lint: install ## ruff lint and format check
+lint: install ## ruff lint and format check, the layers contract (import-linter), mypy
 	$(VENV)/bin/ruff check windtunnel tests
 	$(VENV)/bin/ruff format --check windtunnel tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: install ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix windtunnel tests

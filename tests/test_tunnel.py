@@ -242,6 +242,12 @@ def test_stage_alone_and_skips(tmp_path: Path) -> None:
     assert code == 3  # the fit alone needs the ladder's points, and says so
 
 
+def test_a_tunnel_is_named_by_position_not_as_an_experiment(capsys) -> None:
+    assert main(["tunnel", "experiment=demo", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "experiment= picks a train config" in err and "windtunnel tunnel demo" in err
+
+
 def test_unknown_tunnel_lists_the_ready_ones(capsys) -> None:
     assert main(["tunnel", "nope"]) == 2
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-CHECKED = {"optuna": "4.", "ray": "2.", "submitit": "1.5."}
+CHECKED = {"optuna": "5.", "ray": "2.", "submitit": "1.5."}
 """Major(.minor) versions these adapters were written and tested against."""
 
 

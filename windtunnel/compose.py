@@ -78,7 +78,7 @@ def _register_run_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for f in dataclasses.fields(RunConfig):
-        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+        if dataclasses.is_dataclass(f.default_factory):
             cs.store(group=f.name, name=f"{f.name}_schema", node=f.default_factory)
 
 
@@ -104,7 +104,7 @@ def compose_run(overrides: Sequence[str] = ()) -> RunConfig:
     except _hydra_errors() as e:
         raise ValueError(f"bad config or override: {e}".strip()) from None
     assert isinstance(data, dict)
-    return from_dict(RunConfig, {k: v for k, v in data.items() if k != "hydra"})
+    return from_dict(RunConfig, {str(k): v for k, v in data.items() if k != "hydra"})
 
 
 def compose_spec(
@@ -129,7 +129,7 @@ def compose_spec(
     except _hydra_errors() as e:
         raise ValueError(f"bad {what} or override: {e}") from None
     assert isinstance(data, dict)
-    return from_dict(schema, {k: v for k, v in data.items() if k != "hydra"})
+    return from_dict(schema, {str(k): v for k, v in data.items() if k != "hydra"})
 
 
 def find_spec(path: str | Path, folder: str) -> Path:

@@ -151,7 +151,9 @@ class Decoder(nn.Module):
             block.attn.use_flash = use_flash
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, *, capture: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, *, capture: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """tokens [B, T] → logits [B, T, V]. ``capture`` (coordinate check) receives activations."""
         cfg = self.cfg
         T = tokens.shape[1]

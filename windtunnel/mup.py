@@ -9,6 +9,7 @@ MiniCPM's rules (DESIGN §2): hidden 2-D matrices train with ``lr / m`` and weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def group_specs(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> dict[str, Gro
 
 def param_groups(
     model: torch.nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfig
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """AdamW parameter groups with μP learning-rate scales (``lr_scale`` key)."""
     specs = group_specs(model_cfg, optim_cfg)
     hidden_ids = {id(p) for p in model.hidden_matrices()}  # type: ignore[operator]

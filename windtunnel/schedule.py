@@ -30,7 +30,7 @@ def decay_factor(progress: float, shape: str, min_ratio: float, half_life: float
     """
     p = min(max(progress, 0.0), 1.0)
     if shape == "exp":
-        return max(min_ratio, 0.5 ** (p / half_life))
+        return max(min_ratio, float(0.5 ** (p / half_life)))
     if shape == "linear":
         return 1.0 - (1.0 - min_ratio) * p
     if shape == "cosine":

@@ -200,7 +200,7 @@ def trial_records(spec: SweepSpec) -> list[dict[str, Any]]:
     run folder's result and config where it wrote them."""
     import optuna
 
-    from windtunnel.sweep.parent import FAIL_REASON, storage_url
+    from windtunnel.sweep.driver import FAIL_REASON, storage_url
     from windtunnel.sweep.trial import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -14,6 +14,7 @@ client, imported only then.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -100,21 +101,15 @@ class RestClient:
 
     # -- experiments ------------------------------------------------------------------------
     def get_experiment_by_name(self, name: str) -> dict[str, Any] | None:
-        try:
-            exp: dict[str, Any] = self.call(
-                "GET", "experiments/get-by-name", {"experiment_name": name}
-            )["experiment"]
-        except RestError as e:
-            if e.code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        return exp
+        return self._experiment("experiments/get-by-name", {"experiment_name": name})
 
     def get_experiment(self, experiment_id: str) -> dict[str, Any] | None:
+        return self._experiment("experiments/get", {"experiment_id": experiment_id})
+
+    def _experiment(self, endpoint: str, query: Mapping[str, str]) -> dict[str, Any] | None:
+        """The experiment the query names, None when there is none."""
         try:
-            exp: dict[str, Any] = self.call(
-                "GET", "experiments/get", {"experiment_id": experiment_id}
-            )["experiment"]
+            exp: dict[str, Any] = self.call("GET", endpoint, query)["experiment"]
         except RestError as e:
             if e.code == "RESOURCE_DOES_NOT_EXIST":
                 return None
@@ -146,13 +141,8 @@ class RestClient:
         return str(info["run_id"])
 
     def search_run_ids(self, experiment_id: str, filter_string: str, max_results: int) -> list[str]:
-        body = {
-            "experiment_ids": [experiment_id],
-            "filter": filter_string,
-            "max_results": max_results,
-        }
-        runs = self.call("POST", "runs/search", body).get("runs", [])
-        return [r["info"]["run_id"] for r in runs]
+        runs = self.search_runs([experiment_id], filter_string, page_size=max_results)
+        return [r["info"]["run_id"] for r in itertools.islice(runs, max_results)]
 
     def search_runs(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -217,17 +218,21 @@ def ladder_charts_url(uri: str, tunnel: str) -> str:
     if not uri.startswith("http"):
         return ""
     try:
-        from mlflow.tracking import MlflowClient
-
+        from windtunnel.tracking.api import RestClient
         from windtunnel.tracking.browser import chart_url
 
-        client = MlflowClient(uri)
+        client = RestClient(uri)
         exp = client.get_experiment_by_name(f"{tunnel}/ladder")
         if exp is None:
             return ""
-        runs = client.search_runs([exp.experiment_id], max_results=200)
-        ids = [r.info.run_id for r in runs if r.data.tags.get("wt.kind") != "sweep"]
-        return chart_url(uri, exp.experiment_id, ids[:100])
+        runs = itertools.islice(client.search_runs([exp["experiment_id"]], page_size=200), 200)
+        ids = [
+            r["info"]["run_id"]
+            for r in runs
+            if {t["key"]: t["value"] for t in r.get("data", {}).get("tags", [])}.get("wt.kind")
+            != "sweep"
+        ]
+        return chart_url(uri, exp["experiment_id"], ids[:100])
     except Exception:  # a link is a convenience: never fail a finished tunnel over it
         return ""
 

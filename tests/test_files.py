@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +45,24 @@ def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
     assert target.read_bytes() == b"\x00second"  # untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["state.json"]  # no temp left
     assert (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next(tmp_path: Path) -> None:
+    target = tmp_path / "main.pt"
+    code = (
+        "import os, sys; from windtunnel.files import atomic_file\n"
+        f"with atomic_file({str(target)!r}) as f:\n"
+        "    f.write(b'half'); f.flush(); print('writing', flush=True); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.wait()
+    (left,) = [p.name for p in tmp_path.iterdir()]  # the killed writer's temp file
+    assert left.startswith(".main.pt.") and left.endswith(".tmp")
+    live = tmp_path / f".main.pt.{socket.gethostname()}.{os.getpid()}.beef.tmp"
+    live.write_bytes(b"a live writer's")  # this process is alive: its temp file stays
+    atomic_write(target, b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "main.pt"]
 
 
 def _umask() -> int:

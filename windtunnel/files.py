@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from windtunnel.procs import is_dead
 
 WAIT_SLICE_S = 60.0
 """A blocking wait is made of timed waits of this length (filelock refuses an unbounded wait on a
@@ -89,12 +93,19 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     """A binary file to write ``path``'s new content into; it replaces ``path`` when the block
     ends without an exception (else it is removed and ``path`` is untouched).
 
-    The temporary file is ``.<name>.<pid>.<random>.tmp`` beside ``path`` (hidden, and unique, so
-    that concurrent writers never share one); a writer killed mid-write leaves it behind.
+    The temporary file is ``.<name>.<host>.<pid>.<random>.tmp`` beside ``path`` (hidden, and
+    unique, so that concurrent writers never share one). One left by a writer of this host that
+    was killed mid-write (a preempted checkpoint: as large as the model) is removed by the next.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    prefix = f".{path.name}.{socket.gethostname()}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = stale.name[len(prefix) :].split(".")[0]
+        if pid.isdigit() and is_dead(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    tmp = path.with_name(f"{prefix}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as f:

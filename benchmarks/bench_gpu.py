@@ -84,7 +84,7 @@ def part_packed(
     base = [
         sys.executable,
         "-m",
-        "windtunnel.cli",
+        "windtunnel",
         "train",
         f"model={model}",
         "data.seq_len=512",
@@ -96,7 +96,7 @@ def part_packed(
         "tracker=none",
         f"tracker.home={work}",
     ]
-    subprocess.run([sys.executable, "-m", "windtunnel.cli", "prepare"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "windtunnel", "prepare"], env=env, check=True)
     out: dict[str, Any] = {"model": model, "tokens_per_trial": tokens, "rows": []}
     for k in ks:
         t0 = time.perf_counter()

@@ -183,6 +183,15 @@ class TrainConfig:
     """torch.compile the model."""
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
+    parallel: str = "ddp"
+    """With several ranks: ``ddp`` (DistributedDataParallel, every rank holds the whole model)
+    or ``fsdp`` (FSDP2 ``fully_shard`` per block: parameters, gradients and optimizer state
+    sharded across ranks). The loss curve does not depend on it, nor on the number of ranks."""
+    nproc_per_node: int = 1
+    """Ranks that ``windtunnel train`` starts on this machine (torchrun's contract; under
+    ``torchrun`` or SLURM the launcher's world size is used instead)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     checkpoint_every_tokens: int = 0
     """Periodic checkpoint for resume (0: at every evaluation)."""
     divergence_factor: float = 3.0
@@ -435,6 +444,10 @@ def model_shape(m: ModelConfig) -> Any:
     )
 
 
+PARALLEL = ("ddp", "fsdp")
+"""Data-parallel modes of ``train.parallel``."""
+
+
 def resolve(cfg: RunConfig, vocab_size: int = 0) -> Resolved:
     """Derive everything a run needs from its config (pure). ``vocab_size``: the tokenizer's."""
     import math
@@ -457,6 +470,10 @@ def resolve(cfg: RunConfig, vocab_size: int = 0) -> Resolved:
         )
     if o.lr <= 0:
         problems.append(f"optim.lr must be > 0 (got {o.lr})")
+    if t.parallel not in PARALLEL:
+        problems.append(f"train.parallel={t.parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if t.nproc_per_node < 1:
+        problems.append(f"train.nproc_per_node must be >= 1 (got {t.nproc_per_node})")
     if s.kind not in KINDS:
         problems.append(f"schedule.kind={s.kind!r}: choose one of {', '.join(KINDS)}")
     if s.decay not in DECAYS:

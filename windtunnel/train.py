@@ -81,7 +81,16 @@ def identity(cfg: RunConfig) -> dict[str, Any]:
     d = json.loads(json.dumps(to_dict(cfg), default=str))
     for key in ("tracker", "resume", "run_dir", "name", "stage", "tags"):
         d.pop(key)
-    for key in ("progress", "device", "threads"):
+    # how the run is laid out on hardware does not change its curve: a run saved on 2 ranks
+    # resumes on 1 or 4 in the same folder
+    for key in (
+        "progress",
+        "device",
+        "threads",
+        "parallel",
+        "nproc_per_node",
+        "activation_checkpointing",
+    ):
         d["train"].pop(key)
     return d
 

@@ -138,7 +138,7 @@ class _KillFirstWorker:
 
     def update(self, study, active) -> None:
         for number, (handle, _) in active.items():
-            ckpt = self.folder / "runs" / f"smoke-t{number:04d}" / "ckpt" / "main.pt"
+            ckpt = self.folder / "runs" / f"smoke-t{number:04d}" / "ckpt" / "main"
             if not self.killed and getattr(handle, "pid", None) and ckpt.exists():
                 os.killpg(handle.pid, signal.SIGKILL)
                 self.killed = True

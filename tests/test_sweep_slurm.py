@@ -81,18 +81,18 @@ def _sacct_until(job_id: str, ok, *fields: str) -> list[list[str]]:
 
 
 def _ckpt_step(path: Path) -> int:
-    import torch
+    from windtunnel import checkpoint
 
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
-    except (OSError, EOFError, RuntimeError, KeyError):
+        return int(checkpoint.read_meta(path)["step"])
+    except (OSError, ValueError, KeyError):
         return -1
 
 
 def _wait_ckpt(path: Path, at_least: int, alive=lambda: True) -> int:
     deadline = time.monotonic() + WAIT
     while True:
-        step = _ckpt_step(path) if path.exists() else -1
+        step = _ckpt_step(path)
         if step >= at_least:
             return step
         assert alive(), "the trial ended before it could be preempted"
@@ -150,8 +150,7 @@ def _train_recording_starts(cfg, starts_file: str):
     from windtunnel.train import Trainer
 
     trainer = Trainer(cfg)
-    ckpt = trainer.dir / "ckpt" / "main.pt"
-    step = _ckpt_step(ckpt) if ckpt.exists() else 0
+    step = max(0, _ckpt_step(trainer.dir / "ckpt" / "main"))
     with open(starts_file, "a") as f:
         f.write(json.dumps({"pid": os.getpid(), "ckpt_step": step, "t": time.time()}) + "\n")
     return trainer.run()
@@ -273,7 +272,7 @@ def test_preempted_training_trial_resumes_with_the_same_curve_and_run(
     low = _slurm(submitit_root, partition="low", job_name="wt-train-low")
     t0 = time.monotonic()
     job = low.submit(_train_recording_starts, cfg, str(starts))
-    at = _wait_ckpt(run_dir / "ckpt" / "main.pt", PREEMPT_AT, alive=lambda: not job.done())
+    at = _wait_ckpt(run_dir / "ckpt" / "main", PREEMPT_AT, alive=lambda: not job.done())
     t_high, high_s = _preempt(submitit_root, slurm_cluster["cpus"])
     result = job.result(timeout=WAIT)
     t_end = time.monotonic()
@@ -342,7 +341,7 @@ def test_preempted_sweep_trial_is_requeued_as_the_same_trial(slurm_cluster, tmp_
     )
     try:
         run_dir = tmp_path / "sweeps" / name / "runs" / f"{name}-t0000"
-        _wait_ckpt(run_dir / "ckpt" / "main.pt", PREEMPT_AT, alive=lambda: proc.poll() is None)
+        _wait_ckpt(run_dir / "ckpt" / "main", PREEMPT_AT, alive=lambda: proc.poll() is None)
         _preempt(tmp_path / "urgent", slurm_cluster["cpus"])
         out, err = proc.communicate(timeout=WAIT)
     finally:

@@ -79,7 +79,7 @@ def test_killed_and_resumed_run_has_the_same_curve(tmp_path: Path, how: str) -> 
 
     cmd = _cli(tmp_path, *budget, "name=killed")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "runs" / "killed" / "ckpt" / "main.pt"
+    ckpt = tmp_path / "runs" / "killed" / "ckpt" / "main"
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

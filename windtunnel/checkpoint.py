@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from windtunnel.distributed import World
 from windtunnel.files import atomic_write
+
+# one process without a process group is a supported use of DCP, not a mistake
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 FORMAT = 2
 """Version of the checkpoint layout (1: a single ``torch.save`` file)."""

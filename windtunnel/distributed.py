@@ -124,6 +124,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        """Asked of this process (a signal, a stopper)."""
+        self.agreed = False
+        """Known to every rank (set by the step's reduction)."""
         self.reason = ""
 
     def request(self, reason: str = "stop requested") -> None:
@@ -133,11 +136,15 @@ class StopRequest:
     def flag(self) -> float:
         return 1.0 if self.requested else 0.0
 
-    def agree(self, summed_flag: float) -> bool:
-        """After the step's reduction: any rank asked, so every rank stops."""
+    def agree(self, summed_flag: float) -> None:
+        """After the step's reduction: if any rank asked, every rank stops at this boundary."""
         if summed_flag > 0:
-            self.request(self.reason or "stop requested on another rank")
-        return self.requested
+            self.agreed = True
+            self.reason = self.reason or "stop requested on another rank"
+
+    def now(self, world: World) -> bool:
+        """Stop at this step boundary? One process: when asked. Several: when all know."""
+        return self.agreed if world.distributed else self.requested
 
     @contextmanager
     def on_signals(self, enabled: bool = True) -> Iterator[None]:

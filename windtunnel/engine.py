@@ -2,6 +2,14 @@
 
 Kept free of tracking and files-on-disk policy (that is :mod:`windtunnel.train`), so the same
 engine serves runs, the coordinate check and the benchmark.
+
+On W ranks (:class:`~windtunnel.distributed.World`) the model is wrapped once, by
+``train.parallel``: DDP (every rank holds the model, gradients are all-reduced) or FSDP2
+(``fully_shard`` per block, then the root: parameters, gradients and AdamW state sharded). The
+optimizer's μP groups are built from the module's own parameters after wrapping, so the per-group
+learning rates are the single-process ones. ``sample(step, micro)`` returns this rank's rows of
+the global micro-batch of (seed, step, micro): the global batch, hence the curve, does not depend
+on W. The step's loss and the stop flag are reduced together, once per step.
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from windtunnel import checkpoint
 from windtunnel.config import Resolved
-from windtunnel.files import atomic_file
-from windtunnel.model import Decoder, flash_attn_available
+from windtunnel.distributed import StopRequest, World
+from windtunnel.model import Decoder, flash_attn_available, lm_loss
 from windtunnel.mup import build_optimizer, set_lr
 from windtunnel.schedule import Schedule, lr_factor
 
@@ -35,15 +43,28 @@ class Preempted(RuntimeError):
     """A stop was requested (SIGUSR2/SIGTERM); the state was checkpointed first."""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: World | None = None) -> torch.device:
+    """The device of this rank: on CUDA with several ranks, GPU ``LOCAL_RANK``."""
+    world = world or World()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"train.device={name} but CUDA is not available here: use device=cpu or auto"
         )
+    if dev.type == "cuda" and world.distributed:
+        if world.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"rank {world.rank} is local rank {world.local_rank} but this node has "
+                f"{torch.cuda.device_count()} GPUs: start at most one rank per GPU"
+            )
+        dev = torch.device("cuda", world.local_rank)
     return dev
+
+
+MIN_FSDP_PARAMS = 1_000_000
+"""Below this many parameters per rank, sharding saves less memory than it costs in traffic."""
 
 
 def schedule_for(res: Resolved, point_index: int) -> Schedule:
@@ -93,23 +114,32 @@ class Engine:
 
     res: Resolved
     model: Decoder
+    """The unwrapped module (its parameters are FSDP2's DTensors when sharded)."""
+    net: torch.nn.Module
+    """What the loop calls: the model, its DDP wrapper, or a compiled one of these."""
     optimizer: torch.optim.Optimizer
     device: torch.device
     sample: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-    """(step, micro) → (x, y): pure in its arguments, so the data position is just ``step``."""
+    """(step, micro) → this rank's (x, y): pure in its arguments, so the data position is just
+    ``step``."""
+    world: World = field(default_factory=World)
     step: int = 0
     guard: LossGuard = field(default_factory=lambda: LossGuard(math.inf, 0.0, 0))
-    stop_requested: bool = False
+    stop: StopRequest = field(default_factory=StopRequest)
 
     @classmethod
     def build(
-        cls, res: Resolved, sample: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+        cls,
+        res: Resolved,
+        sample: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+        world: World | None = None,
     ) -> Engine:
         t = res.cfg.train
+        world = world or World()
         if t.threads:
             torch.set_num_threads(t.threads)
-        device = pick_device(t.device)
-        torch.manual_seed(t.seed)
+        device = pick_device(t.device, world)
+        torch.manual_seed(t.seed)  # the same init on every rank
         model = Decoder(res.cfg.model).to(device)
         use_flash = t.attention == "flash" or (
             t.attention == "auto" and flash_attn_available(device)
@@ -117,21 +147,36 @@ class Engine:
         if t.attention == "flash" and not flash_attn_available(device):
             raise ValueError("train.attention=flash needs flash-attn installed and a CUDA device")
         model.configure_attention(use_flash)
+        model.activation_checkpointing = t.activation_checkpointing
+        net: torch.nn.Module = model
+        if world.distributed and t.parallel == "fsdp":
+            _shard(model, bf16=_bf16(t.dtype, device), compile=t.compile)
+        elif world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        if t.compile and not (world.distributed and t.parallel == "fsdp"):
+            net = torch.compile(net)  # type: ignore[assignment]
         optimizer = build_optimizer(model, res.cfg.model, res.cfg.optim)
         guard = LossGuard(res.max_loss, t.divergence_factor, max(res.warmup_steps, 10))
-        return cls(res, model, optimizer, device, sample, guard=guard)
+        return cls(res, model, net, optimizer, device, sample, world, guard=guard)
 
-    # -- precision / compile ---------------------------------------------------------------------
+    # -- precision / gradient sync ---------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.res.cfg.train.dtype
-        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
+        if _bf16(self.res.cfg.train.dtype, self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if self.res.cfg.train.compile and not hasattr(self, "_compiled"):
-            self._compiled = torch.compile(self.model.loss)
-        return getattr(self, "_compiled", self.model.loss)
+    def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients across ranks only on the last micro-batch of a step."""
+        if not self.world.distributed:
+            return contextlib.nullcontext()
+        inner = getattr(self.net, "_orig_mod", self.net)
+        if hasattr(inner, "no_sync"):  # DDP
+            return contextlib.nullcontext() if sync else inner.no_sync()
+        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # FSDP2
+        return contextlib.nullcontext()
 
     # -- the loop --------------------------------------------------------------------------------
     def run(
@@ -141,15 +186,14 @@ class Engine:
         on_step: Callable[[int, float, float, float], None],
     ) -> None:
         """Train from ``self.step`` to ``stop``. ``on_step(step, loss, lr, seconds)`` after each
-        step (step counts completed steps); raises :class:`Diverged` / :class:`Preempted`."""
+        step (step counts completed steps; loss is the global batch's mean); raises
+        :class:`Diverged` / :class:`Preempted` on every rank at the same step."""
         o = self.res.cfg.optim
         accum = o.grad_accum
-        loss_fn = self.forward_loss()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.model.train()
+        self.net.train()
         while self.step < stop:
-            if self.stop_requested:
-                raise Preempted(f"stop requested at step {self.step}")
+            if self.stop.now(self.world):
+                raise Preempted(f"{self.stop.reason} at step {self.step}")
             t0 = time.perf_counter()
             lr = o.lr * lr_factor(self.step, schedule)
             set_lr(self.optimizer, lr)
@@ -157,61 +201,77 @@ class Engine:
             for micro in range(accum):
                 x, y = self.sample(self.step, micro)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss = loss_fn(x, y) / accum
+                with self.grad_sync(micro == accum - 1), self.autocast():
+                    loss = lm_loss(self.net(x), y) / accum
                 loss.backward()
                 total += loss.detach()
             if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            loss_value = total.item()
+            loss_value = self._reduce_step(total)
             self.guard.check(self.step, loss_value)
             on_step(self.step, loss_value, lr, time.perf_counter() - t0)
+
+    def _reduce_step(self, loss: torch.Tensor) -> float:
+        """The global mean loss; every rank learns whether any rank was asked to stop."""
+        if not self.world.distributed:
+            return float(loss.item())
+        both = torch.stack([loss.float(), torch.tensor(self.stop.flag(), device=self.device)])
+        loss_sum, flags = self.world.sum(both).tolist()
+        self.stop.agree(flags)
+        return float(loss_sum) / self.world.size
 
     @torch.no_grad()
     def evaluate(
         self, batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
     ) -> dict[str, float]:
-        """Mean loss (nats/token) per domain on fixed validation batches."""
-        self.model.eval()
-        out = {}
-        for domain, pairs in batches.items():
-            total, count = 0.0, 0
+        """Mean loss (nats/token) per domain on fixed validation batches; each rank evaluates
+        its rows of every batch and the sums are reduced (the same number on every rank)."""
+        self.net.eval()
+        sums = torch.zeros(2 * len(batches), dtype=torch.float64, device=self.device)
+        for i, pairs in enumerate(batches.values()):
             for x, y in pairs:
+                rows = self.world.share(x.shape[0])
+                x, y = x[rows].to(self.device), y[rows].to(self.device)
                 with self.autocast():
-                    loss = self.model.loss(x.to(self.device), y.to(self.device))
-                total += loss.item() * y.numel()
-                count += y.numel()
-            out[domain] = total / count
-        self.model.train()
-        return out
+                    sums[2 * i] += lm_loss(self.net(x), y, reduction="sum").double()
+                sums[2 * i + 1] += y.numel()
+        self.world.sum(sums)
+        self.net.train()
+        return {d: float(sums[2 * i] / sums[2 * i + 1]) for i, d in enumerate(batches)}
 
-    # -- checkpoints (model, optimizer, RNG, data position = step, guard) ------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            "guard": (self.guard.ema, self.guard.ema_min),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state.get("rng_cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.guard.ema, self.guard.ema_min = state["guard"]
-
+    # -- checkpoints (model, optimizer, data position = step, guard) -----------------------------
     def save(self, path: Path) -> None:
-        """Atomic: a kill during the write leaves the previous checkpoint intact."""
-        with atomic_file(path) as f:
-            torch.save(self.state_dict(), f)
+        """Collective and atomic: a kill during the write leaves the previous checkpoint."""
+        meta = {"step": self.step, "guard": [self.guard.ema, self.guard.ema_min]}
+        checkpoint.save(
+            path, self.model, self.optimizer, meta, self.world, parallel=self.res.cfg.train.parallel
+        )
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        meta = checkpoint.load(path, self.model, self.optimizer, self.world)
+        self.step = int(meta["step"])
+        self.guard.ema, self.guard.ema_min = (float(v) for v in meta["guard"])
+
+
+def _bf16(dtype: str, device: torch.device) -> bool:
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def _shard(model: Decoder, *, bf16: bool, compile: bool) -> None:
+    """FSDP2: each block is one unit (all-gathered for its forward and backward), then the root
+    (embedding, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    for block in model.blocks:
+        if compile:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)

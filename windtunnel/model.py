@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from windtunnel.config import ModelConfig
 
@@ -107,6 +108,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, d_ff)
 
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, branch_scale: float) -> torch.Tensor:
+        x = x + branch_scale * self.attn(self.attn_norm(x), rot)  # μP: depth-scaled residual
+        return x + branch_scale * self.mlp(self.mlp_norm(x))
+
 
 class Decoder(nn.Module):
     """MiniCPM-style decoder. ``cfg`` must be resolved (vocab_size, d_ff, n_kv_heads set)."""
@@ -127,6 +132,7 @@ class Decoder(nn.Module):
         )
         rope = rope_table(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope", rope, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (less memory)
         self.reset_parameters()
 
     # -- μP init ---------------------------------------------------------------------------------
@@ -162,8 +168,11 @@ class Decoder(nn.Module):
 
         x = cfg.scale_emb * self.embed(tokens)  # μP: embedding output multiplier
         for i, block in enumerate(self.blocks):
-            x = x + branch_scale * block.attn(block.attn_norm(x), rot)  # μP: depth-scaled residual
-            x = x + branch_scale * block.mlp(block.mlp_norm(x))
+            # μP: each block adds (scale_depth / sqrt(L)) · f(norm(x)) for f in (attention, MLP)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rot, branch_scale, use_reentrant=False)
+            else:
+                x = block(x, rot, branch_scale)
             if capture is not None:
                 capture[f"block{i}"] = x.detach()
         h = self.norm(x) / self.width_mult  # μP: logits divided by the width multiplier
@@ -175,5 +184,11 @@ class Decoder(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy in nats."""
-        logits = self(tokens)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return lm_loss(self(tokens), targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in nats (fp32), ``mean`` or ``sum`` over tokens."""
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction
+    )

@@ -3,8 +3,9 @@
 Layout of a run folder (``run_dir/<name>/``)::
 
     config.json            the resolved config (also logged to MLflow)
-    ckpt/<segment>.pt      latest state of a segment (periodic and on stop), for resume
-    ckpt/fork-<D>.pt       the trunk at the start of the decay branch that ends at D tokens
+    ckpt/<segment>/        latest state of a segment (periodic, on stop, at its end): a DCP
+                           checkpoint (see windtunnel.checkpoint), resumable on any world size
+    ckpt/fork-<D>/         the trunk at the start of the decay branch that ends at D tokens
     points/<D>.json        finished result of that branch (a rerun skips it)
     result.json            the run's result (a rerun of a finished run just returns it)
     journal.jsonl          every metric point, also when the tracking server is away
@@ -12,25 +13,30 @@ Layout of a run folder (``run_dir/<name>/``)::
 A run without branches is a single segment ending in its own decay; with branches the trunk runs
 the stable phase, and each branch forks from its checkpoint into its own decay (its own nested
 MLflow run, tagged ``wt.point=true``), so a ladder of m budgets costs one run, not m.
+
+On W ranks every rank runs this same code; rank 0 alone writes the run folder's files, MLflow and
+the journal, and decides from them (whether a point is done, a checkpoint exists) for all ranks.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from windtunnel import checkpoint
 from windtunnel.config import Resolved, RunConfig, resolve, to_dict
-from windtunnel.engine import Diverged, Engine, Preempted, Pruned, schedule_for
+from windtunnel.distributed import World, process_group, world_from_env
+from windtunnel.engine import Diverged, Engine, Preempted, Pruned, pick_device, schedule_for
 from windtunnel.files import atomic_write, lock
 
 LN2 = math.log(2.0)
@@ -142,42 +148,21 @@ def _show_progress(cfg: RunConfig) -> bool:
     return cfg.train.progress and not env_off and sys.stderr.isatty()
 
 
-@contextmanager
-def stop_on_signals(engine: Engine, enabled: bool) -> Iterator[None]:
-    """SIGUSR2 (SLURM preemption) and SIGTERM ask the engine to checkpoint and stop."""
-    if not enabled:
-        yield
-        return
-    sigs = [signal.SIGUSR2, signal.SIGTERM]
-    old = {s: signal.getsignal(s) for s in sigs}
-
-    def handler(signum: int, frame: Any) -> None:
-        engine.stop_requested = True
-
-    for s in sigs:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 class _Segment:
     """Runs the engine over [start, stop) of one schedule, logging and checkpointing."""
 
     def __init__(self, trainer: Trainer, name: str, run: Any, point_index: int) -> None:
         self.t, self.name, self.run, self.point_index = trainer, name, run, point_index
-        self.ckpt = trainer.dir / "ckpt" / f"{name}.pt"
+        self.ckpt = trainer.dir / "ckpt" / name
         self.logged_file = trainer.dir / "ckpt" / f"{name}.logged.json"
         self.logged = {"train": -1, "eval": -1}
-        if self.logged_file.exists():
+        if trainer.world.main and self.logged_file.exists():
             self.logged = json.loads(self.logged_file.read_text())
 
     def log(self, step: int, metrics: dict[str, float], group: str) -> None:
         """Log once per (step, group): after a kill, resume replays the same values
         deterministically, so points already sent are skipped instead of duplicated."""
-        if step <= self.logged[group]:
+        if step <= self.logged[group] or not self.t.world.main:
             return
         tokens = step * self.t.res.tokens_per_step
         if group == "train" or step == 0:  # once per step: the train log carries the x axes
@@ -187,10 +172,18 @@ class _Segment:
         _json_write(self.logged_file, self.logged, fsync=False)  # every log step: no fsync
 
     def evaluate(self, step: int) -> dict[str, float]:
-        metrics = self.t.eval_metrics()
+        t = self.t
+        metrics = t.eval_metrics()
         self.log(step, metrics, "eval")
-        if self.t.on_eval is not None and self.name in ("main", "trunk") and step > 0:
-            self.t.on_eval(step * self.t.res.tokens_per_step, metrics)  # may raise Pruned
+        pruned = None
+        if t.world.main and t.on_eval is not None and self.name in ("main", "trunk") and step:
+            try:
+                t.on_eval(step * t.res.tokens_per_step, metrics)
+            except Pruned as e:
+                pruned = str(e)
+        pruned = t.world.decide(pruned)  # rank 0's pruner stops every rank
+        if pruned is not None:
+            raise Pruned(pruned)
         return metrics
 
     def train(self, stop: int, forks: dict[int, Path] | None = None) -> None:
@@ -217,14 +210,14 @@ class _Segment:
                 window[0], window[1] = 0.0, 0
             if step % every == 0 and step != stop:
                 self.evaluate(step)
-            if step in forks and not forks[step].exists():
+            if step in forks and not t.world.decide(checkpoint.exists(forks[step])):
                 t.engine.save(forks[step])
             if ckpt_every and step % ckpt_every == 0:
                 t.engine.save(self.ckpt)
                 self.run.flush()
 
         try:
-            with stop_on_signals(t.engine, t.handle_signals):
+            with t.engine.stop.on_signals(t.handle_signals):
                 t.engine.run(schedule, stop, on_step)
         except Preempted:
             t.engine.save(self.ckpt)
@@ -233,8 +226,10 @@ class _Segment:
         finally:
             if bar is not None:
                 bar.close()
-        if stop in forks and not forks[stop].exists():
+        if stop in forks and not t.world.decide(checkpoint.exists(forks[stop])):
             t.engine.save(forks[stop])
+        if stop not in forks and not (ckpt_every and stop % ckpt_every == 0):
+            t.engine.save(self.ckpt)  # the segment's final weights (for export)
 
 
 class Trainer:
@@ -247,17 +242,24 @@ class Trainer:
         tracker: Any = None,
         handle_signals: bool = False,
         on_eval: OnEval | None = None,
+        world: World | None = None,
     ) -> None:
         from windtunnel.data import BatchSampler, prepare, val_batches
 
-        self.corpus = prepare(cfg.data, progress=_show_progress(cfg))
+        self.world = world = world or World()
+        self.corpus = prepare(cfg.data, progress=_show_progress(cfg) and world.main)
         self.res: Resolved = resolve(cfg, self.corpus.vocab_size)
         self.cfg = self.res.cfg
         self.name = run_name(cfg)
         self.dir = Path(cfg.run_dir) / self.name
         self.handle_signals = handle_signals
         self.on_eval = on_eval
-        if tracker is None:
+        micro = check_world(self.cfg, world)
+        if not world.main:
+            from windtunnel.tracking import NullTracker
+
+            tracker = NullTracker()  # rank 0 alone records the run
+        elif tracker is None:
             from windtunnel.tracking import open_tracker
 
             tracker = open_tracker(cfg.tracker)
@@ -265,17 +267,20 @@ class Trainer:
         sampler = BatchSampler(
             self.corpus,
             seq_len=cfg.data.seq_len,
-            batch_size=cfg.optim.batch_size // cfg.optim.grad_accum,
+            batch_size=micro,
             seed=cfg.train.seed,
         )
-        self.engine = Engine.build(self.res, sampler.batch)
+        rows = world.share(micro)
+        self.engine = Engine.build(
+            self.res, lambda step, m: sampler.batch(step, m, rows=rows), world
+        )
         self.val = {
             d.name: val_batches(
                 self.corpus,
                 d.name,
                 seq_len=cfg.data.seq_len,
                 n_tokens=cfg.train.eval_tokens,
-                batch_size=cfg.optim.batch_size // cfg.optim.grad_accum,
+                batch_size=micro,
             )
             for d in self.corpus.domains
         }
@@ -294,7 +299,7 @@ class Trainer:
         return out
 
     def progress_bar(self, stop: int) -> Any:
-        if not _show_progress(self.cfg):
+        if not _show_progress(self.cfg) or not self.world.main:
             return None
         from tqdm import tqdm
 
@@ -332,29 +337,22 @@ class Trainer:
         """Train to the result; one process per run folder (a second one waits, then reuses)."""
         from windtunnel.launch.checkpoint import stop_on_preempt
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        main = self.world.main
+        if main:
+            self.dir.mkdir(parents=True, exist_ok=True)
         # under a requeueable SLURM job, preemption stops at the next step boundary (checkpointed)
-        with _exclusive(self.dir / "run.lock"), stop_on_preempt(self._request_stop):
+        held = _exclusive(self.dir / "run.lock") if main else nullcontext()
+        with held, stop_on_preempt(self.engine.stop.request):
             return self._run_locked()
-
-    def _request_stop(self) -> None:
-        self.engine.stop_requested = True
 
     def _run_locked(self) -> TrainResult:
         done = self.dir / "result.json"
-        if self.cfg.resume and (self.dir / "identity.json").exists():
-            check_same_run(json.loads((self.dir / "identity.json").read_text()), self.cfg, self.dir)
-        if self.cfg.resume and done.exists():
-            return _result_from_json(json.loads(done.read_text()))
-        if not self.cfg.resume:  # start over: clear everything but the lock we hold
-            import shutil
-
-            for child in self.dir.iterdir():
-                if child.name != "run.lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
-        _json_write(self.dir / "identity.json", identity(self.cfg))
+        finished = None
+        if self.world.main:
+            finished = self._prepare_folder(done)
+        finished = self.world.decide(finished)  # the other ranks wait for rank 0's folder
+        if finished is not None:
+            return _result_from_json(finished)
         started = time.time()
         kind = "trunk" if self.res.branching else "run"
         parent = self.tracker.start_run(
@@ -380,8 +378,26 @@ class Trainer:
         result.seconds = time.time() - started
         if result.status == "finished":
             parent.finish("FINISHED")
-        _json_write(done, result.to_json())
+        if self.world.main:
+            _json_write(done, result.to_json())
         return result
+
+    def _prepare_folder(self, done: Path) -> dict[str, Any] | None:
+        """Rank 0: check and set up the run folder; a finished run's result, else None."""
+        if self.cfg.resume and (self.dir / "identity.json").exists():
+            check_same_run(json.loads((self.dir / "identity.json").read_text()), self.cfg, self.dir)
+        if self.cfg.resume and done.exists():
+            return dict(json.loads(done.read_text()))
+        if not self.cfg.resume:  # start over: clear everything but the lock we hold
+            import shutil
+
+            for child in self.dir.iterdir():
+                if child.name != "run.lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
+        _json_write(self.dir / "identity.json", identity(self.cfg))
+        return None
 
     def _failed(self, status: str, reason: str, parent: Any) -> TrainResult:
         parent.set_tags({"wt.failure": status, "wt.failure_reason": reason[:5000]})
@@ -390,9 +406,12 @@ class Trainer:
 
     def _initial_eval(self, seg: _Segment) -> float:
         path = self.dir / "initial_eval.json"
-        if not path.exists():
-            _json_write(path, seg.evaluate(0))
-        self.initial_val_loss = float(json.loads(path.read_text())["val_loss"])
+        saved = self.world.decide(json.loads(path.read_text()) if path.exists() else None)
+        if saved is None:
+            saved = seg.evaluate(0)
+            if self.world.main:
+                _json_write(path, saved)
+        self.initial_val_loss = float(saved["val_loss"])
         return self.initial_val_loss
 
     def _run(self, parent: Any) -> TrainResult:
@@ -406,18 +425,19 @@ class Trainer:
             return self._summary(parent, "finished", [point], initial=initial)
 
         trunk = _Segment(self, "trunk", parent, len(res.points) - 1)
-        forks = {p.decay_start: self.dir / "ckpt" / f"fork-{p.tokens}.pt" for p in res.points}
+        forks = {p.decay_start: self.dir / "ckpt" / f"fork-{p.tokens}" for p in res.points}
         trunk_stop = res.points[-1].decay_start
         points: list[PointResult] = []
         initial = self._initial_eval(trunk)
-        if not all(f.exists() for f in forks.values()):
+        if not self.world.decide(all(checkpoint.exists(f) for f in forks.values())):
             self._resume(trunk, None)
             trunk.train(trunk_stop, forks)
             trunk.run.flush()
         for i, p in enumerate(res.points):
             saved = self.dir / "points" / f"{p.tokens}.json"
-            if saved.exists():
-                points.append(PointResult(**json.loads(saved.read_text())))
+            done = self.world.decide(json.loads(saved.read_text()) if saved.exists() else None)
+            if done is not None:
+                points.append(PointResult(**done))
                 continue
             child = self.tracker.start_run(
                 run_dir=self.dir / "branches" / str(p.tokens),
@@ -437,13 +457,14 @@ class Trainer:
                 raise
             point = self._finish_point(seg, i, child.run_id)
             child.finish("FINISHED")
-            _json_write(saved, asdict(point))
+            if self.world.main:
+                _json_write(saved, asdict(point))
             points.append(point)
         return self._summary(parent, "finished", points, initial=initial)
 
     def _resume(self, seg: _Segment, start: Path | None) -> None:
         """Continue a segment from its own checkpoint, else from ``start``, else from init."""
-        if seg.ckpt.exists():
+        if self.world.decide(checkpoint.exists(seg.ckpt)):
             self.engine.load(seg.ckpt)
         elif start is not None:
             self.engine.load(start)
@@ -520,5 +541,28 @@ def train(
     pruning and preemption come back as the result's ``status`` (recorded in the tracker).
     ``on_eval(tokens, metrics)`` sees every evaluation of the stable trunk and may raise
     :class:`~windtunnel.engine.Pruned`."""
-    trainer = Trainer(cfg, tracker=tracker, handle_signals=handle_signals, on_eval=on_eval)
-    return trainer.run()
+    world = world_from_env()
+    with process_group(world, pick_device(cfg.train.device, world)):
+        trainer = Trainer(
+            cfg, tracker=tracker, handle_signals=handle_signals, on_eval=on_eval, world=world
+        )
+        try:
+            return trainer.run()
+        finally:  # DDP's reducer must go before its process group, or its destructor can hang
+            del trainer
+            gc.collect()
+
+
+def check_world(cfg: RunConfig, world: World) -> int:
+    """The micro-batch (sequences per micro-step, all ranks together); refuses a world size
+    that cannot split it evenly (the curve would then depend on the world size)."""
+    o = cfg.optim
+    micro = o.batch_size // o.grad_accum
+    if micro % world.size:
+        fits = [w for w in range(1, micro + 1) if micro % w == 0 and w <= 2 * world.size]
+        raise ValueError(
+            f"{world.size} ranks cannot split micro-batches of {micro} sequences "
+            f"(optim.batch_size={o.batch_size} / optim.grad_accum={o.grad_accum}) evenly: "
+            f"use a world size that divides {micro} (e.g. {fits[-1]}) or change the batch"
+        )
+    return micro

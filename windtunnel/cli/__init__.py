@@ -65,10 +65,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from windtunnel.launch.ranks import check_nproc, run_ranks, under_launcher
     from windtunnel.train import train
 
     cfg = compose_run(args.overrides)
+    nproc = cfg.train.nproc_per_node
+    if nproc > 1 and not under_launcher():  # start the ranks; each runs this same command
+        check_nproc(nproc, cfg.train.device)
+        return run_ranks(nproc, ["train", *args.overrides])
     result = train(cfg, handle_signals=True)
+    if os.environ.get("RANK", "0") != "0":  # rank 0 reports for the run
+        return {"finished": 0, "preempted": EXIT_PREEMPTED}.get(result.status, EXIT_RUN_FAILED)
     if result.status == "finished":
         where = result.dashboard or result.tracking_uri or f"the journal in {result.run_dir}"
         print(f"loss curves: {where}", file=sys.stderr)

@@ -160,16 +160,21 @@ class BatchSampler:
             dom = rng.choice(len(self._tokens), size=self.batch_size, p=self._p)
         return dom, rng.integers(0, self._high[dom])
 
-    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)``, int64 ``[batch_size, seq_len]``, ``y`` is ``x`` shifted by one token."""
+    def batch(
+        self, step: int, micro: int = 0, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)``, int64 ``[batch_size, seq_len]``, ``y`` is ``x`` shifted by one token;
+        ``rows``: only those rows of that batch (one rank's share; only they are read)."""
         import torch
 
         dom, off = self.plan(step, micro)
-        out = np.empty((self.batch_size, self.seq_len + 1), np.int64)
+        if rows is not None:
+            dom, off = dom[rows], off[rows]
+        out = np.empty((len(dom), self.seq_len + 1), np.int64)
         for k, tokens in enumerate(self._tokens):
-            rows = np.flatnonzero(dom == k)
-            if rows.size:
-                out[rows] = tokens[off[rows, None] + self._window]
+            mine = np.flatnonzero(dom == k)
+            if mine.size:
+                out[mine] = tokens[off[mine, None] + self._window]
         t = torch.from_numpy(out)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 

@@ -11,7 +11,7 @@ runs when the signal arrives (inside the signal handler, so it must only write t
 state, not wait on the training step in progress).
 
 A trial that can stop cleanly registers a *stopper* with :func:`stop_on_preempt` (the trainer
-does: it sets ``engine.stop_requested``). While one is registered, SIGUSR2 does not end the process
+does: it calls ``engine.stop.request``). While one is registered, SIGUSR2 does not end the process
 at an arbitrary bytecode (submitit's handler exits from inside the signal handler, which could tear
 a metric log from its bookkeeping and duplicate the point on resume): the stopper is called, the
 call checkpoints at its next safe point and returns, and only then is the job requeued. If it has

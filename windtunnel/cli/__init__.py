@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.compose import compose_run, config_groups
+from windtunnel.estimate import GPUS
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
@@ -65,10 +66,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = compose_run(args.overrides)
+    if args.dry_run:
+        return train_dry_run(cfg, args)
     from windtunnel.launch.ranks import check_nproc, run_ranks, under_launcher
     from windtunnel.train import train
 
-    cfg = compose_run(args.overrides)
     nproc = cfg.train.nproc_per_node
     if nproc > 1 and not under_launcher():  # start the ranks; each runs this same command
         check_nproc(nproc, cfg.train.device)
@@ -83,6 +86,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {result.status}: {result.failure}", file=sys.stderr)
     emit(result.to_json())
     return {"finished": 0, "preempted": EXIT_PREEMPTED}.get(result.status, EXIT_RUN_FAILED)
+
+
+def train_dry_run(cfg: Any, args: argparse.Namespace) -> int:
+    """Memory and time of the run, from its config alone; exit 2 when it cannot fit."""
+    from windtunnel import estimate
+    from windtunnel.config import resolve
+
+    res = resolve(cfg, cfg.data.vocab_size)
+    world = args.world_size or cfg.train.nproc_per_node
+    est = estimate.estimate(res, gpu=args.gpu, world_size=world, mfu=args.mfu)
+    print(estimate.table(est), file=sys.stderr)
+    emit(est.to_json())
+    if not est.fits:
+        print(f"windtunnel train: {est.refusal()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -298,7 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("prepare", cmd_prepare, "build the corpus: tokenizer, token memmaps, bytes per token")
-    add("train", cmd_train, "train (or resume) one proxy run; last stdout line is JSON")
+    tr = add("train", cmd_train, "train (or resume) one proxy run; last stdout line is JSON")
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print memory per rank (ddp and fsdp), tokens/s, wall-clock and GPU-hours; train "
+        "nothing; exit 2 when the run cannot fit the GPU's memory, saying what to change",
+    )
+    tr.add_argument(
+        "--gpu", default="h100", choices=list(GPUS), help="with --dry-run: the GPU kind"
+    )
+    tr.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="with --dry-run: GPUs of the run (default: train.nproc_per_node)",
+    )
+    tr.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help="with --dry-run: model FLOPs utilisation (default 0.40 compiled, 0.20 eager)",
+    )
     add("params", cmd_params, "print parameter and FLOP counts of a model config as JSON")
     cc = add("coordcheck", cmd_coordcheck, "μP coordinate check across widths (exit 3 if unstable)")
     cc.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])

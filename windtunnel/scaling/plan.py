@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from windtunnel.estimate import GPUS
 from windtunnel.flops import Shape, d_ff_for, flops_per_token, non_embedding_params
 from windtunnel.scaling.allocation import (
     compute_optimal,
@@ -28,16 +29,8 @@ from windtunnel.scaling.bootstrap import BootstrapResult
 from windtunnel.scaling.errors import InputError
 from windtunnel.scaling.laws import DataModelLaw
 
-GPU_PEAK_BF16: dict[str, float] = {
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "b200": 2250e12,
-    "l40s": 362e12,
-    "a10g": 125e12,
-    "mi300x": 1307e12,
-}
-"""Dense bf16 peak FLOP/s per GPU (vendor datasheets, no sparsity)."""
+GPU_PEAK_BF16: dict[str, float] = {name: gpu.peak_flops for name, gpu in GPUS.items()}
+"""Dense bf16 peak FLOP/s per GPU (datasheets, no sparsity), from :data:`windtunnel.estimate.GPUS`."""
 
 D_HEAD = 64
 DIM_MODEL_BASE = 256

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from windtunnel.compose import split_overrides
+from windtunnel.estimate import trained_tokens
 from windtunnel.sweep.parent import SweepSummary
 from windtunnel.sweep.spec import SweepSpec, grid_size, load_sweep
 from windtunnel.sweep.trial import trial_name
@@ -230,13 +231,6 @@ def finished(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # -- the dry run ---------------------------------------------------------------------------------
-
-
-def trained_tokens(res: Any) -> int:
-    """Tokens a run trains: the trunk to its last branch point plus every decay branch."""
-    tps = res.tokens_per_step
-    trunk = max(p.decay_start for p in res.points)
-    return tps * (trunk + sum(p.total_steps - p.decay_start for p in res.points))
 
 
 def trial_configs(spec: SweepSpec) -> list[RunConfig]:

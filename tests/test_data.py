@@ -326,18 +326,27 @@ def test_load_refuses_a_folder_that_is_not_a_corpus(tmp_path):
 # ----------------------------------------------------------------------------- batches
 
 
-def test_batches_are_a_pure_function_of_seed_step_and_micro(tiny):
+def test_batches_are_a_pure_function_of_seed_and_step(tiny):
     s1 = data.BatchSampler(tiny, seq_len=16, batch_size=8, seed=3)
     s2 = data.BatchSampler(tiny, seq_len=16, batch_size=8, seed=3)
-    x, y = s1.batch(7, 1)
+    x, y = s1.batch(7)
     s2.batch(0), s2.batch(100)  # history does not matter
-    x2, y2 = s2.batch(7, 1)
+    x2, y2 = s2.batch(7)
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == __import__("torch").int64
     assert x.equal(x2) and y.equal(y2)
     assert x[:, 1:].equal(y[:, :-1])
-    assert not x.equal(s1.batch(8, 1)[0]) and not x.equal(s1.batch(7, 0)[0])
+    assert not x.equal(s1.batch(8)[0])
     other = data.BatchSampler(tiny, seq_len=16, batch_size=8, seed=4)
-    assert not x.equal(other.batch(7, 1)[0])
+    assert not x.equal(other.batch(7)[0])
+
+
+def test_rows_of_a_batch_are_those_rows_of_the_whole_batch(tiny):
+    """Micro-batches and ranks take slices of the one global batch of (seed, step)."""
+    sampler = data.BatchSampler(tiny, seq_len=16, batch_size=8, seed=3)
+    x, y = sampler.batch(5)
+    parts = [sampler.batch(5, rows=slice(i, i + 2)) for i in range(0, 8, 2)]
+    assert __import__("torch").cat([p[0] for p in parts]).equal(x)
+    assert __import__("torch").cat([p[1] for p in parts]).equal(y)
 
 
 def test_batches_only_read_training_tokens(tiny):

@@ -25,18 +25,27 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from windtunnel.distributed import World
 from windtunnel.files import atomic_write
 
-# one process without a process group is a supported use of DCP, not a mistake
-warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """One process without a process group is a supported use of DCP, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
 
 FORMAT = 2
 """Version of the checkpoint layout (1: a single ``torch.save`` file)."""
@@ -82,7 +91,8 @@ def save(
         shutil.rmtree(partial)
     world.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial))
+    with _quiet():
+        dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(partial))
     if world.main:
         info = {
             "format": FORMAT,
@@ -151,7 +161,8 @@ def load(
     _check_shape(found, meta, model)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(found))
+    with _quiet():
+        dcp_load(state, checkpoint_id=str(found))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -170,6 +181,7 @@ def load_model(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         return meta
     _check_shape(found, meta, model)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(found))
+    with _quiet():
+        dcp_load(state, checkpoint_id=str(found))
     model.load_state_dict(state["model"])
     return meta

@@ -101,6 +101,11 @@ def identity(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
+LAYOUT = ("optim.grad_accum",)
+"""Part of the identity (and of a default run name) that a resume may still change: micro-batches
+are row slices of the same global batch, so the curve does not depend on them."""
+
+
 def run_name(cfg: RunConfig) -> str:
     """Stable name: the same config resumes the same run folder."""
     if cfg.name:
@@ -119,7 +124,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
     """Refuse to resume a run folder with a different config (results would be mixed)."""
     a, b = _flat(saved), _flat(identity(cfg))
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in LAYOUT)
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
         raise ValueError(
@@ -267,13 +272,16 @@ class Trainer:
         sampler = BatchSampler(
             self.corpus,
             seq_len=cfg.data.seq_len,
-            batch_size=micro,
+            batch_size=cfg.optim.batch_size,
             seed=cfg.train.seed,
         )
-        rows = world.share(micro)
-        self.engine = Engine.build(
-            self.res, lambda step, m: sampler.batch(step, m, rows=rows), world
-        )
+        mine = world.share(micro)  # this rank's rows of each micro-batch
+
+        def sample(step: int, m: int) -> tuple[Any, Any]:
+            start = m * micro
+            return sampler.batch(step, rows=slice(start + mine.start, start + mine.stop))
+
+        self.engine = Engine.build(self.res, sample, world)
         self.val = {
             d.name: val_batches(
                 self.corpus,

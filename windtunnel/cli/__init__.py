@@ -69,12 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = compose_run(args.overrides)
     if args.dry_run:
         return train_dry_run(cfg, args)
+    from windtunnel.distributed import World
     from windtunnel.launch.ranks import check_nproc, run_ranks, under_launcher
-    from windtunnel.train import train
+    from windtunnel.train import check_world, train
 
     nproc = cfg.train.nproc_per_node
     if nproc > 1 and not under_launcher():  # start the ranks; each runs this same command
         check_nproc(nproc, cfg.train.device)
+        check_world(cfg, World(size=nproc))
         return run_ranks(nproc, ["train", *args.overrides])
     result = train(cfg, handle_signals=True)
     if os.environ.get("RANK", "0") != "0":  # rank 0 reports for the run

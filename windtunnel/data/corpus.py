@@ -126,8 +126,9 @@ def _open(path: Path, dtype: str) -> np.ndarray:
 
 
 class BatchSampler:
-    """Random training windows; batch ``(step, micro)`` is a pure function of ``(seed, step,
-    micro)``, so a resumed run needs only its step. Each row picks a domain by weight, then a
+    """Random training windows; the batch of ``step`` is a pure function of ``(seed, step)``, so a
+    resumed run needs only its step, and micro-batches and ranks take row slices of that one
+    global batch (the curve depends on neither). Each row picks a domain by weight, then a
     uniform window of ``seq_len + 1`` tokens of that domain's train split."""
 
     def __init__(self, corpus: PreparedCorpus, *, seq_len: int, batch_size: int, seed: int = 0):
@@ -149,25 +150,24 @@ class BatchSampler:
         self._high = np.array([d.train_tokens - seq_len for d in self.domains])
         self._window = np.arange(seq_len + 1)
 
-    def plan(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Domain index (into ``self.domains``) and start offset of each row of a batch."""
-        if step < 0 or micro < 0:
-            raise ValueError(f"step ({step}) and micro ({micro}) must be >= 0")
-        rng = np.random.default_rng([self.seed, step, micro])
+        if step < 0:
+            raise ValueError(f"step ({step}) must be >= 0")
+        rng = np.random.default_rng([self.seed, step, 0])
         if len(self._tokens) == 1:
             dom = np.zeros(self.batch_size, np.int64)
         else:
             dom = rng.choice(len(self._tokens), size=self.batch_size, p=self._p)
         return dom, rng.integers(0, self._high[dom])
 
-    def batch(
-        self, step: int, micro: int = 0, rows: slice | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``, int64 ``[batch_size, seq_len]``, ``y`` is ``x`` shifted by one token;
-        ``rows``: only those rows of that batch (one rank's share; only they are read)."""
+        ``rows``: only those rows of that batch (a micro-batch, a rank's share; only they are
+        read)."""
         import torch
 
-        dom, off = self.plan(step, micro)
+        dom, off = self.plan(step)
         if rows is not None:
             dom, off = dom[rows], off[rows]
         out = np.empty((len(dom), self.seq_len + 1), np.int64)

@@ -266,6 +266,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from windtunnel.export import FORMATS, export_hf, export_minicpm_config
+
+    if args.to not in FORMATS:
+        raise ValueError(f"--to {args.to!r}: choose one of {', '.join(FORMATS)}")
+    source, out = Path(args.source), Path(args.out)
+    if args.to == "minicpm-config":
+        summary = export_minicpm_config(source, out, force=args.force)
+    else:
+        tokenizer: Path | bool = Path(args.tokenizer) if args.tokenizer else not args.no_tokenizer
+        summary = export_hf(
+            source,
+            out,
+            point=args.point,
+            checkpoint_path=Path(args.checkpoint) if args.checkpoint else None,
+            tokenizer=tokenizer,
+            dtype=args.dtype,
+            force=args.force,
+        )
+        if summary["tokenizer"] is None and tokenizer is True:
+            print(
+                f"{out}: no tokenizer (the run was trained on pre-tokenized data)", file=sys.stderr
+            )
+    emit(summary)
+    return 0
+
+
+def _tokens(text: str) -> int:
+    """A token count: 2000000 or 2e6."""
+    value = float(text)
+    if not value.is_integer() or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
+    return int(value)
+
+
 DELEGATED = {
     "fit": ("windtunnel.cli.fit:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
     "plan": (
@@ -382,6 +417,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage", nargs="+", default=None, help="run only these stages (e.g. --stage fit plan)"
     )
     add("status", cmd_status, "where a tunnel stands: windtunnel status [demo]", "name")
+    e = sub.add_parser(
+        "export",
+        help="write a run's model as a Hugging Face Llama folder, or a MiniCPM config.json",
+        description=(
+            "--to hf: RUN_DIR's finished model (main, or the largest decay branch) as a "
+            "LlamaForCausalLM folder that plain transformers loads (μP multipliers folded into "
+            "the weights), with the run's tokenizer. --to minicpm-config: MiniCPM's config.json "
+            "for the model of a run folder or of a planned experiment YAML (windtunnel plan --out)."
+        ),
+        epilog="examples:\n  windtunnel export .windtunnel/runs/micro_s-... --to hf exported/\n"
+        "  windtunnel export conf/experiment/full.yaml --to minicpm-config full-config/",
+        formatter_class=fmt,
+    )
+    e.add_argument(
+        "source", metavar="RUN_DIR", help="a run folder (or, for minicpm-config, a plan)"
+    )
+    e.add_argument("out", metavar="OUT", help="the folder to write (must be empty, or --force)")
+    e.add_argument("--to", default="hf", help="hf (default) or minicpm-config")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument(
+        "--point",
+        type=_tokens,
+        default=None,
+        metavar="D",
+        help="the decay branch ending at D tokens",
+    )
+    which.add_argument("--checkpoint", default=None, help="any checkpoint folder (or legacy .pt)")
+    toks = e.add_mutually_exclusive_group()
+    toks.add_argument(
+        "--tokenizer", default=None, help="a tokenizer.json or prepared corpus folder"
+    )
+    toks.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
+    e.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    e.add_argument("--force", action="store_true", help="replace OUT if it holds something")
+    e.set_defaults(func=cmd_export)
     for name, (_, helptext) in DELEGATED.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p

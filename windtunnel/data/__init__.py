@@ -1,8 +1,8 @@
 """Corpus preparation, tokenizer, token memmaps and batches.
 
-Public API (import from ``windtunnel.data``): :func:`prepare`, :class:`PreparedCorpus`,
-:class:`DomainInfo`, :class:`BatchSampler`, :func:`val_batches`, :func:`bits_per_byte`,
-:func:`load_tokenizer`, :func:`encode`, :func:`decode`, :class:`DataError`.
+Public API (import from ``windtunnel.data``): :func:`prepare`, :func:`corpus_root`,
+:class:`PreparedCorpus`, :class:`DomainInfo`, :class:`BatchSampler`, :func:`val_batches`,
+:func:`bits_per_byte`, :func:`load_tokenizer`, :func:`encode`, :func:`decode`, :class:`DataError`.
 
 :func:`prepare` turns a :class:`~windtunnel.config.DataConfig` into a prepared corpus folder,
 ``<cache_dir>/<name>-<key>/``, where ``key`` hashes everything that changes the output (config
@@ -26,7 +26,7 @@ a sidecar ``X.json`` such as ``{"vocab_size": 50257, "bytes_per_token": 4.2, "dt
 different tokenizers cannot share a model, so a corpus is either all text or all tokens.
 """
 
-from windtunnel.data.build import prepare
+from windtunnel.data.build import corpus_root, prepare
 from windtunnel.data.corpus import (
     EOT,
     FORMAT_VERSION,
@@ -49,6 +49,7 @@ __all__ = [
     "DomainInfo",
     "PreparedCorpus",
     "bits_per_byte",
+    "corpus_root",
     "decode",
     "encode",
     "load_tokenizer",

@@ -236,8 +236,13 @@ def _build(cfg: DataConfig, sources: list[Source], root: Path, key: dict, show: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedCorpus:
-    """Prepare (or reuse from ``cfg.cache_dir``) the corpus described by ``cfg``."""
+def corpus_root(cfg: DataConfig) -> Path:
+    """The folder where :func:`prepare` keeps the corpus of ``cfg`` (built or not; builds
+    nothing). It hashes the sources, so they must still be readable."""
+    return _locate(cfg)[0]
+
+
+def _locate(cfg: DataConfig) -> tuple[Path, list[Source], dict[str, Any]]:
     doms = domains_of(cfg)
     validate(cfg, doms)
     sources = [resolve(d) for d in doms]
@@ -261,7 +266,13 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedCorpus:
         ],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    root = Path(cfg.cache_dir).expanduser().resolve() / f"{cfg.name}-{digest[:12]}"
+    return Path(cfg.cache_dir).expanduser().resolve() / f"{cfg.name}-{digest[:12]}", sources, key
+
+
+def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedCorpus:
+    """Prepare (or reuse from ``cfg.cache_dir``) the corpus described by ``cfg``."""
+    root, sources, key = _locate(cfg)
+    doms = domains_of(cfg)
     if not (root / "meta.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         # serialize concurrent prepares of the same corpus (the rename stays the real guard)

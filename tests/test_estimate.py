@@ -191,3 +191,18 @@ def test_dry_run_world_size_shards(capsys: pytest.CaptureFixture) -> None:
     mem = summary["memory"]
     assert mem["fsdp"]["optimizer"] == pytest.approx(mem["ddp"]["optimizer"] / 4)
     assert summary["peak_bytes"] == mem["fsdp"]["peak"]
+
+
+def test_a_gpu_of_any_size_can_be_given_directly():
+    """The trainer checks against the device it runs on (its real memory), not a table row."""
+    from windtunnel.compose import compose_run
+    from windtunnel.config import resolve
+    from windtunnel.estimate import GPU, estimate
+
+    cfg = compose_run(["model=micro_s"])
+    res = resolve(cfg, cfg.data.vocab_size)
+    tiny = GPU(name="toy", peak_flops=1e12, memory_bytes=64 * 2**20)
+    big = GPU(name="big", peak_flops=1e12, memory_bytes=64 * 2**30)
+    assert not estimate(res, gpu=tiny, margin=1.0).fits
+    assert "does not fit" in estimate(res, gpu=tiny, margin=1.0).refusal()
+    assert estimate(res, gpu=big, margin=1.0).fits

@@ -452,20 +452,20 @@ def setup_from(res: Resolved, world_size: int) -> Setup:
 def estimate(
     res: Resolved,
     *,
-    gpu: str = "h100",
+    gpu: str | GPU = "h100",
     world_size: int = 1,
     mfu: float | None = None,
     margin: float = MARGIN,
 ) -> Estimate:
     """Memory, speed and cost of ``res`` on ``world_size`` GPUs of kind ``gpu`` (a key of
-    :data:`GPUS`); ``mfu`` defaults to the measured compiled/eager value."""
-    if gpu not in GPUS:
+    :data:`GPUS`, or a :class:`GPU`); ``mfu`` defaults to the measured compiled/eager value."""
+    if isinstance(gpu, str) and gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     if world_size < 1:
         raise ValueError(f"world size must be >= 1 (got {world_size})")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"MFU must lie in (0, 1] (got {mfu})")
-    kind = GPUS[gpu]
+    kind = GPUS[gpu] if isinstance(gpu, str) else gpu
     setup = setup_from(res, world_size)
     n, compiled = res.non_embedding_params, res.cfg.train.compile
     u = mfu if mfu is not None else default_mfu(n, compiled)
@@ -483,7 +483,7 @@ def estimate(
     return Estimate(
         model=res.cfg.model.name,
         setup=setup,
-        gpu_key=gpu,
+        gpu_key=gpu if isinstance(gpu, str) else gpu.name,
         gpu=kind,
         mfu=u,
         margin=margin,

@@ -375,7 +375,9 @@ def export_hf(
     else:
         ckpt = find_checkpoint(run_dir, cfg, point)
     corpus, tok_file = None, None
-    if tokenizer is True:
+    if tokenizer is True and (run_dir / "tokenizer.json").is_file():
+        tok_file = run_dir / "tokenizer.json"  # the trainer keeps a copy in the run folder
+    elif tokenizer is True:
         corpus = run_tokenizer(cfg)
         tok_file = corpus.tokenizer_path if corpus is not None else None
     elif tokenizer is not False:

@@ -281,6 +281,7 @@ class Trainer:
             start = m * micro
             return sampler.batch(step, rows=slice(start + mine.start, start + mine.stop))
 
+        check_memory(self.res, world)
         self.engine = Engine.build(self.res, sample, world)
         self.val = {
             d.name: val_batches(
@@ -405,6 +406,8 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
         _json_write(self.dir / "identity.json", identity(self.cfg))
+        if self.corpus.tokenizer_path is not None:  # the run's tokenizer travels with it (export)
+            atomic_write(self.dir / "tokenizer.json", self.corpus.tokenizer_path.read_text())
         return None
 
     def _failed(self, status: str, reason: str, parent: Any) -> TrainResult:
@@ -559,6 +562,23 @@ def train(
         finally:  # DDP's reducer must go before its process group, or its destructor can hang
             del trainer
             gc.collect()
+
+
+def check_memory(res: Resolved, world: World) -> None:
+    """On a GPU, refuse before building anything a run whose estimated peak memory per rank
+    (:mod:`windtunnel.estimate`) exceeds the device's whole memory, saying what to change."""
+    import torch
+
+    device = pick_device(res.cfg.train.device, world)
+    if device.type != "cuda":
+        return
+    from windtunnel.estimate import GPU, estimate
+
+    props = torch.cuda.get_device_properties(device)
+    gpu = GPU(name=props.name, peak_flops=1e15, memory_bytes=props.total_memory)
+    est = estimate(res, gpu=gpu, world_size=world.size, margin=1.0)
+    if not est.fits:
+        raise ValueError(f"refused before training: {est.refusal()}")
 
 
 def check_world(cfg: RunConfig, world: World) -> int:

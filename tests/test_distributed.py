@@ -128,7 +128,7 @@ def test_sigusr2_to_one_rank_stops_both_at_one_step_and_resumes_on_one(tmp_path,
     run = tmp_path / "runs" / "ref"
     _wait_checkpoint(run / "ckpt" / "main", proc)
     ranks[-1].send_signal(signal.SIGUSR2)
-    out, err = proc.communicate(timeout=WAIT)
+    _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 75, err[-3000:]
     assert "Traceback" not in err
     # both ranks stopped at the step they agreed on, and saved it once, together
@@ -177,7 +177,9 @@ def test_a_rank_that_dies_stops_the_other_and_the_run_resumes(tmp_path, long_ref
     ranks[0].kill()
     _, err = proc.communicate(timeout=WAIT)
     assert time.monotonic() - t0 < 60, "the surviving rank hung"
-    assert proc.returncode != 0 and not any(r.is_running() and r.status() != "zombie" for r in ranks)
+    assert proc.returncode != 0 and not any(
+        r.is_running() and r.status() != "zombie" for r in ranks
+    )
     assert "was killed by SIGKILL" in err and "Rerun the same command" in err
 
     _run(tmp_path, *LONG, "name=ref", "train.nproc_per_node=2")

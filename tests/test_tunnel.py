@@ -262,6 +262,9 @@ def test_paper_scale_dry_run_plans_without_running(tmp_path: Path, capsys) -> No
     assert stages["mup_search"]["models"] == ["minicpm_9m"]
     assert stages["mup_search"]["jobs"] == stages["mup_search"]["trials"] // 4  # 4 per job
     assert "minicpm_0p5b" in stages["ladder"]["models"] and stages["ladder"]["trials"] == 7
+    # resources per size: 9M and 30M packed two per job, 70M alone, 0.1B-0.5B on 8 GPUs each
+    assert stages["ladder"]["gpus_per_trial"] == [1, 8] and stages["ladder"]["jobs"] == 1 + 1 + 4
+    assert 0 < out["totals"]["wall_hours"] < out["totals"]["gpu_hours"]
     assert out["launcher"] == "slurm"
     assert 1e19 < out["totals"]["flops"] < 1e22 and out["totals"]["gpu_hours"] > 10
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written

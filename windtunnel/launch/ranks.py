@@ -14,13 +14,15 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from windtunnel.launch.outcome import usable_cores
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+T = TypeVar("T")
 
 PREEMPTED = 75
 """Exit status of a run stopped by a signal after its checkpoint (EX_TEMPFAIL)."""
@@ -49,16 +51,12 @@ def check_nproc(nproc: int, device: str) -> None:
         )
 
 
-def run_ranks(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m windtunnel <argv>`` as ``nproc`` ranks; the exit status of the run
-    (rank 0's, or the first failing rank's), after one line on stderr if it failed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def _config(nproc: int) -> Any:
+    from torch.distributed.launcher.api import LaunchConfig
 
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:  # split the cores between the ranks
         os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // nproc))
-    config = LaunchConfig(
+    return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
@@ -70,8 +68,36 @@ def run_ranks(nproc: int, argv: Sequence[str]) -> int:
         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
         shutdown_timeout=SHUTDOWN_S,
     )
+
+
+def call_on_ranks(nproc: int, fn: Callable[[], T]) -> T:
+    """``fn()`` on ``nproc`` ranks of this machine (each a fresh process; ``fn`` is pickled);
+    rank 0's return value. A rank that fails stops the others and raises RuntimeError."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
-        elastic_launch(config, sys.executable)("-m", "windtunnel", *argv)
+        out = elastic_launch(_config(nproc), _call)(fn)
+    except ChildFailedError as e:
+        rank, failure = _first(e)
+        raise RuntimeError(f"rank {rank} of {nproc} failed: {failure.message}") from None
+    return out[0]  # type: ignore[no-any-return]
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """What each rank runs (the launcher wants a named module-level function)."""
+    return fn()
+
+
+def run_ranks(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m windtunnel <argv>`` as ``nproc`` ranks; the exit status of the run
+    (rank 0's, or the first failing rank's), after one line on stderr if it failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(_config(nproc), sys.executable)("-m", "windtunnel", *argv)
     except ChildFailedError as e:
         rank, failure = _first(e)
         if failure.exitcode == PREEMPTED:

@@ -23,7 +23,9 @@ from typing import Any
 
 from windtunnel import compat
 from windtunnel.sweep.parent import SweepSummary, close_parent, open_parent
+from windtunnel.sweep.resources import apply_rule, model_params, rule_index, rule_launcher
 from windtunnel.sweep.spec import (
+    ResourceRule,
     SweepSpec,
     distributions,
     grid_points,
@@ -81,6 +83,7 @@ class Driver:
         self.view = view
         self.template: TrialTemplate = trial_template(spec)
         self.active: dict[int, tuple[Any, OptunaTrial]] = {}  # trial number → (handle, job)
+        self.launchers: dict[int | None, Any] = {}  # resource rule → its launcher
         self.failures: dict[int, str] = {}
         self.parent = None
         self.tracker = None
@@ -107,6 +110,7 @@ class Driver:
             threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
         parent = self.parent.run_id if self.parent else None
         config = self.template.config(number, params, parent_run_id=parent, threads=threads)
+        config = apply_rule(config, self._rule(config))
         return OptunaTrial(
             spec=TrialSpec(config=config, objective=self.s.objective),
             storage=self.url,
@@ -116,6 +120,32 @@ class Driver:
             n_warmup_evals=self.s.pruner.n_warmup_evals,
             pruner=self.s.pruner,
         )
+
+    # -- resources -------------------------------------------------------------------------------
+    def _rule_index(self, config: Any) -> int | None:
+        rules = self.s.resources
+        return rule_index(rules, model_params(config)) if rules else None
+
+    def _rule(self, config: Any) -> ResourceRule | None:
+        i = self._rule_index(config)
+        return None if i is None else self.s.resources[i]
+
+    def _launcher(self, config: Any) -> Any:
+        """The launcher of the trial's resource rule (made on first use, closed at the end)."""
+        from windtunnel.launch import make_launcher
+
+        i = self._rule_index(config)
+        key = i if i is not None and self.s.resources[i].launcher else None
+        if key not in self.launchers:
+            rule = self.s.resources[key] if key is not None else None
+            self.launchers[key] = make_launcher(rule_launcher(self.spec.launcher, rule))
+        return self.launchers[key]
+
+    def _close_launchers(self) -> None:
+        for key, launcher in list(self.launchers.items()):
+            if key is not None:
+                launcher.close()
+                del self.launchers[key]
 
     # -- tracking --------------------------------------------------------------------------------
     def _open_parent(self) -> None:
@@ -131,20 +161,21 @@ class Driver:
         from optuna.trial import TrialState
 
         t0 = time.time()
+        self.launchers[None] = launcher
         self._open_parent()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self._submit(launcher, compat.trial_id(t), t.number, t.params, resumed=True)
+            self._submit(compat.trial_id(t), t.number, t.params, resumed=True)
         wait_s, last_view = POLL_MIN_S, 0.0
         try:
             while True:
                 while len(self.active) < self.s.parallelism and self._n_started() < self.n_target:
                     trial = self.study.ask(self.dists)
-                    self._submit(launcher, compat.trial_id(trial), trial.number, trial.params)
+                    self._submit(compat.trial_id(trial), trial.number, trial.params)
                 if not self.active:
                     break
                 finished = [n for n, (h, _) in self.active.items() if h.done()]
                 for n in finished:
-                    self._collect(launcher, n)
+                    self._collect(n)
                 if self.view is not None and (finished or time.time() - last_view >= poll_s):
                     self.view.update(self.study, self.active)
                     last_view = time.time()
@@ -154,6 +185,7 @@ class Driver:
                     time.sleep(wait_s)
                     wait_s = min(poll_s, wait_s * 1.5)
         finally:
+            self._close_launchers()
             if self.view is not None:
                 self.view.close(self.study)
         summary = self.summary(time.time() - t0)
@@ -162,7 +194,6 @@ class Driver:
 
     def _submit(
         self,
-        launcher: Any,
         trial_id: int,
         number: int,
         params: dict[str, Any],
@@ -176,9 +207,9 @@ class Driver:
         trial.set_user_attr(ATTEMPTS, attempts)
         if resumed:
             trial.set_user_attr("wt.resumed", True)
-        self.active[number] = (launcher.submit(job), job)
+        self.active[number] = (self._launcher(job.spec.config).submit(job), job)
 
-    def _collect(self, launcher: Any, number: int) -> None:
+    def _collect(self, number: int) -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -189,7 +220,7 @@ class Driver:
         except Exception as e:  # the job died: killed, node lost, time limit, worker error
             reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
             if int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
-                self._submit(launcher, job.trial_id, number, trial.params)
+                self._submit(job.trial_id, number, trial.params)
                 return
             self._fail(trial, f"job failed: {reason}")
             return
@@ -201,7 +232,7 @@ class Driver:
         elif status == "pruned":
             self.study.tell(job.trial_id, state=TrialState.PRUNED)
         elif status == "preempted" and int(trial.user_attrs.get(ATTEMPTS, 1)) <= self.s.max_retries:
-            self._submit(launcher, job.trial_id, number, trial.params)
+            self._submit(job.trial_id, number, trial.params)
         else:
             self._fail(trial, f"{status}: {out.failure}")
 

@@ -70,6 +70,24 @@ class PrunerConfig:
 
 
 @dataclass(kw_only=True)
+class ResourceRule:
+    """How the trials of models up to ``max_params`` run; a trial takes the first rule that
+    matches its model (rules in increasing ``max_params``; the last may leave it 0: any size).
+
+    Tiny proxies pack several trials per job (``launcher: {trials_per_job: 8}``); large rungs
+    span GPUs and nodes (``launcher: {nodes: 2, gpus_per_node: 8}`` on SLURM, or
+    ``run: [train.nproc_per_node=8]`` on one machine) and may shard (``train.parallel=fsdp``).
+    """
+
+    max_params: float = 0
+    """Largest non-embedding parameter count this rule covers (0: any)."""
+    launcher: dict[str, Any] = field(default_factory=dict)
+    """Launcher options of these trials, over the sweep's (``trials_per_job``, ``nodes``, ...)."""
+    run: list[str] = field(default_factory=list)
+    """Run overrides of these trials (``train.nproc_per_node=2``, ``train.parallel=fsdp``)."""
+
+
+@dataclass(kw_only=True)
 class SweepConfig:
     """What to search, how, and where the study lives."""
 
@@ -98,6 +116,8 @@ class SweepConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     space: dict[str, ParamConfig] = field(default_factory=dict)
     """Parameter name → its range and the run-config key it sets."""
+    resources: list[ResourceRule] = field(default_factory=list)
+    """Resources per model size (empty: every trial as the launcher says)."""
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """Sampled values → Hydra overrides of the base run."""
@@ -144,8 +164,28 @@ class SweepSpec:
             problems.append("sweep.space is empty: give at least one parameter, e.g. optim.lr")
         for key, p in s.space.items():
             problems += [f"sweep.space.{key}: {m}" for m in _param_problems(p, s.sampler.kind)]
+        problems += _resource_problems(self)
         if problems:
             raise ValueError("invalid sweep spec: " + "; ".join(problems))
+
+
+def _resource_problems(spec: SweepSpec) -> list[str]:
+    from windtunnel.compose import parse_dotlist
+
+    rules, out = spec.sweep.resources, []
+    bounds = [r.max_params for r in rules]
+    if any(b < 0 for b in bounds) or bounds != sorted(bounds, key=lambda b: b or math.inf):
+        out.append(
+            f"sweep.resources: max_params must be >= 0 and increasing, 0 (any size) last "
+            f"(got {bounds})"
+        )
+    for i, r in enumerate(rules):
+        try:
+            launcher_options(spec.launcher, **r.launcher)
+            parse_dotlist(r.run)
+        except ValueError as e:
+            out.append(f"sweep.resources[{i}]: {e}")
+    return out
 
 
 def _param_problems(p: ParamConfig, sampler: str) -> list[str]:

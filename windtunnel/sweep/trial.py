@@ -189,7 +189,12 @@ class OptunaTrial:
         import optuna
 
         from windtunnel.engine import Pruned
+        from windtunnel.launch.ranks import call_on_ranks, under_launcher
         from windtunnel.sweep.spec import make_pruner
+
+        nproc = self.spec.config.train.nproc_per_node
+        if nproc > 1 and not under_launcher():  # this trial spans ranks of this machine
+            return call_on_ranks(nproc, self)
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(

@@ -5,6 +5,9 @@ one; a TPE/random search at its base model, counted at its full budget: pruning 
 Compute is the trainer's exact FLOP count for what the run trains: the stable trunk up to its
 last branch point plus every decay branch. GPU-hours assume ``tunnel.plan.proxy_mfu`` of the
 GPU's bf16 peak (tiny proxies fill a GPU poorly; see docs/benchmarks.md for measured MFU).
+GPUs per trial and jobs follow the stage's resource rules (``resources``: packed trials share
+one GPU, spanning trials take nodes × GPUs); wall-clock runs ``parallelism`` trials at a time,
+each on its GPUs or its share of a packed one, stages one after another.
 """
 
 from __future__ import annotations
@@ -36,28 +39,30 @@ class DryRun:
             "tokens": sum(s.tokens for s in on),
             "flops": sum(s.flops for s in on),
             "gpu_hours": sum(s.gpu_hours for s in on),
+            "wall_hours": sum(s.wall_hours for s in on),
         }
 
     def table(self) -> str:
         lines = [
             f"tunnel {self.tunnel}: launcher {self.launcher}, GPU-hours at {self.proxy_mfu:.0%} "
             f"MFU of one {self.gpu.upper()} (bf16 peak)",
-            f"{'stage':<12}{'trials':>8}{'jobs':>7}{'parallel':>9}{'tokens':>11}{'FLOPs':>11}"
-            f"{'GPU-h':>9}  models / note",
+            f"{'stage':<12}{'trials':>8}{'jobs':>7}{'parallel':>9}{'GPUs/trial':>11}"
+            f"{'tokens':>11}{'FLOPs':>11}{'GPU-h':>9}{'wall h':>9}  models / note",
         ]
         for s in self.stages:
             if not s.enabled:
                 lines.append(f"{s.stage:<12}{'(skipped)':>8}")
                 continue
             what = ", ".join(s.models) or s.note
+            gpus = "/".join(str(g) for g in sorted(s.gpus_per_trial)) or "-"
             lines.append(
-                f"{s.stage:<12}{s.trials:>8}{s.jobs:>7}{s.parallelism:>9}{s.tokens:>11.3g}"
-                f"{s.flops:>11.3g}{s.gpu_hours:>9.1f}  {what}"
+                f"{s.stage:<12}{s.trials:>8}{s.jobs:>7}{s.parallelism:>9}{gpus:>11}"
+                f"{s.tokens:>11.3g}{s.flops:>11.3g}{s.gpu_hours:>9.1f}{s.wall_hours:>9.1f}  {what}"
             )
         t = self.totals
         lines.append(
-            f"{'total':<12}{t['trials']:>8}{t['jobs']:>7}{'':>9}{t['tokens']:>11.3g}"
-            f"{t['flops']:>11.3g}{t['gpu_hours']:>9.1f}"
+            f"{'total':<12}{t['trials']:>8}{t['jobs']:>7}{'':>9}{'':>11}{t['tokens']:>11.3g}"
+            f"{t['flops']:>11.3g}{t['gpu_hours']:>9.1f}{t['wall_hours']:>9.1f}"
         )
         return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.launch.options import launcher_options
+from windtunnel.sweep.spec import ResourceRule
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,9 @@ class SweepStage:
     """Overrides of that sweep spec (``sweep.n_trials=8``) and of its runs (``model=micro_s``)."""
     lr_factors: list[float] = field(default_factory=list)
     """lr_transfer only: lr grid as multiples of the μP search's best lr (empty: the spec's)."""
+    resources: list[ResourceRule] = field(default_factory=list)
+    """Resources per model size of this stage's trials (see ``sweep.resources``): e.g. pack
+    the small rungs 8 per job, give the large ones 8 GPUs each."""
 
 
 @dataclass(kw_only=True)

@@ -55,6 +55,10 @@ class StageEstimate:
     tokens: float = 0.0
     flops: float = 0.0
     gpu_hours: float = 0.0
+    wall_hours: float = 0.0
+    """Trials ``parallelism`` at a time, each on its ranks (or its share of a packed GPU)."""
+    gpus_per_trial: list[int] = field(default_factory=list)
+    """Distinct ranks (GPUs) per trial among the stage's trials (resource rules)."""
     models: list[str] = field(default_factory=list)
     note: str = ""
 

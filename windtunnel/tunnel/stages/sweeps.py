@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from windtunnel.compose import split_overrides
 from windtunnel.estimate import trained_tokens
 from windtunnel.sweep.parent import SweepSummary
+from windtunnel.sweep.resources import apply_rule, model_params, ranks, rule_index, rule_launcher
 from windtunnel.sweep.spec import SweepSpec, grid_size, load_sweep
 from windtunnel.sweep.trial import trial_name
 from windtunnel.tunnel.spec import SweepStage, TunnelSpec
@@ -65,6 +66,7 @@ class Sweep(Stage[S]):
 
     def key(self, ctx: Context) -> dict[str, Any]:
         parts = {**super().key(ctx), "run": [*ctx.tf.tunnel.run, *ctx.tf.run]}
+        parts["settings"].pop("resources", None)  # where trials run does not change results
         upstream = self.upstream(ctx)
         if upstream is not None:
             parts["upstream"] = upstream
@@ -127,15 +129,28 @@ class Sweep(Stage[S]):
         est = StageEstimate(
             stage=self.name, enabled=True, trials=n, parallelism=spec.sweep.parallelism
         )
-        est.jobs = math.ceil(n / max(1, spec.launcher.trials_per_job))
+        rules = spec.sweep.resources
+        per_rule: dict[int | None, tuple[int, int]] = {}  # rule → (trials, trials per job)
         for cfg in configs:
+            i = rule_index(rules, model_params(cfg)) if rules else None
+            rule = None if i is None else rules[i]
+            opts, cfg = rule_launcher(spec.launcher, rule), apply_rule(cfg, rule)
+            width = ranks(opts, cfg)
+            pack = opts.trials_per_job if width == 1 else 1
+            per_rule[i] = (per_rule.get(i, (0, pack))[0] + 1, pack)
             res = resolve(cfg, cfg.data.vocab_size)
             tokens = trained_tokens(res)
+            flops = float(tokens * res.flops_per_token)
+            hours = flops / (peak_flops * mfu) / 3600.0
             est.tokens += tokens
-            est.flops += float(tokens * res.flops_per_token)
+            est.flops += flops
+            est.gpu_hours += hours
+            est.wall_hours += hours * pack / width / max(1, min(n, spec.sweep.parallelism))
+            if width not in est.gpus_per_trial:
+                est.gpus_per_trial.append(width)
             if cfg.model.name not in est.models:
                 est.models.append(cfg.model.name)
-        est.gpu_hours = est.flops / (peak_flops * mfu) / 3600.0
+        est.jobs = sum(math.ceil(k / pack) for k, pack in per_rule.values())
         if spec.sweep.sampler.kind != "grid":
             est.note = f"{spec.sweep.sampler.kind} search counted at full budget (pruning saves)"
         return est
@@ -179,6 +194,8 @@ def sweep_spec(tf: TunnelSpec, stage: str, upstream: list[str]) -> SweepSpec:
     if spec.sweep.sampler.kind == "grid" and not any(o.startswith("sweep.n_trials") for o in own):
         spec.sweep.n_trials = grid_size(spec.sweep.space)  # the whole grid unless a count is set
     spec.launcher = _stage_launcher(tf, [o for o in own if o.startswith("launcher.")])
+    if st.resources:
+        spec.sweep.resources = list(st.resources)
     spec.validate()
     return spec
 

@@ -1,0 +1,56 @@
+"""Resources per trial: which ``sweep.resources`` rule a trial's model falls under, and the
+launcher options, run overrides and number of ranks that gives it (pure: configs in, configs
+out). The driver keeps one launcher per rule in use; the tunnel's dry run counts with the same
+functions, so what it shows is what runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from windtunnel import flops
+from windtunnel.compose import parse_dotlist
+from windtunnel.config import RunConfig, model_shape, resolve_model, with_values
+from windtunnel.launch.options import LauncherOptions, launcher_options
+from windtunnel.sweep.spec import ResourceRule
+
+
+def model_params(cfg: RunConfig) -> int:
+    """Non-embedding parameters of the run's model (what ``max_params`` is compared with)."""
+    return flops.non_embedding_params(model_shape(resolve_model(cfg.model, cfg.data.vocab_size)))
+
+
+def rule_index(rules: list[ResourceRule], n_params: int) -> int | None:
+    """The first rule covering a model of ``n_params`` (None: no rule, the sweep's launcher)."""
+    for i, rule in enumerate(rules):
+        if not rule.max_params or n_params <= rule.max_params:
+            return i
+    return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def apply_rule(cfg: RunConfig, rule: ResourceRule | None) -> RunConfig:
+    """The trial's run config with the rule's run overrides (``train.nproc_per_node=2``)."""
+    if rule is None or not rule.run:
+        return cfg
+    return with_values(cfg, _flat(parse_dotlist(rule.run)))
+
+
+def rule_launcher(base: LauncherOptions, rule: ResourceRule | None) -> LauncherOptions:
+    """The sweep's launcher options with the rule's on top."""
+    return base if rule is None or not rule.launcher else launcher_options(base, **rule.launcher)
+
+
+def ranks(opts: LauncherOptions, cfg: RunConfig) -> int:
+    """Ranks (GPUs on a GPU machine) one trial spans: nodes × tasks per node on SLURM, else
+    ``train.nproc_per_node``."""
+    nodes = int(getattr(opts, "nodes", 1) or 1)
+    tasks = getattr(opts, "tasks_per_node", None) or getattr(opts, "gpus_per_node", None)
+    if nodes > 1 or tasks:
+        return nodes * int(tasks or 1)
+    return cfg.train.nproc_per_node

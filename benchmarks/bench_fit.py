@@ -76,7 +76,8 @@ def reference_grid(N, D, L, *, chinchilla: bool):
     t0 = time.perf_counter()
     with single_threaded_blas():
         for s in starts:
-            r = minimize(prob.value_and_grad, s, jac=True, method="L-BFGS-B")
+            x0 = prob.centred(np.asarray(s, dtype=float))  # the fitter's θ is centred
+            r = minimize(prob.value_and_grad, x0, jac=True, method="L-BFGS-B")
             best = min(best, float(r.fun))
     return best / len(L), time.perf_counter() - t0, len(starts)
 

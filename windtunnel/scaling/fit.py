@@ -127,15 +127,30 @@ class DataModelFit:
 
 
 class _Problem:
-    """Huber objective on log residuals, with per-point weights (bootstrap counts)."""
+    """Huber objective on log residuals, with per-point weights (bootstrap counts).
+
+    N and D are centred on their geometric means (``n0``, ``d0``): the optimizer's θ holds
+    ``a' = log A − α·n0`` (and ``b'``), which decouples the scale from the exponent (without it
+    a change of α moves A/N^α by N^Δα, a long narrow valley where L-BFGS-B stalls).
+    :meth:`centred` and :meth:`uncentred` convert θ."""
 
     def __init__(self, N: np.ndarray, D: np.ndarray, loss: Any, weights: Any, delta: float) -> None:
-        self.logN = np.log(N)
-        self.logD = np.log(D)
+        self.n0 = float(np.mean(np.log(N)))
+        self.d0 = float(np.mean(np.log(D)))
+        self.logN = np.log(N) - self.n0
+        self.logD = np.log(D) - self.d0
         self.L = np.asarray(loss, dtype=float)
         self.logL = np.log(self.L)
         self.w = np.ones_like(self.L) if weights is None else np.asarray(weights, dtype=float)
         self.delta = delta
+
+    def centred(self, theta: np.ndarray) -> np.ndarray:
+        a, b, e, alpha, beta = theta
+        return np.array([a - alpha * self.n0, b - beta * self.d0, e, alpha, beta])
+
+    def uncentred(self, theta: np.ndarray) -> np.ndarray:
+        a, b, e, alpha, beta = theta
+        return np.array([a + alpha * self.n0, b + beta * self.d0, e, alpha, beta])
 
     def residuals(self, theta: np.ndarray) -> np.ndarray:
         r: np.ndarray = lse_log_loss(theta, self.logN, self.logD) - self.logL
@@ -354,7 +369,7 @@ def fit_points(
     picks = _basin_minima(f_grid, (len(alphas), len(betas)), n_polish)
     starts = [_theta(coef[i, 0], coef[i, 1], coef[i, 2], al[i], be[i], floor) for i in picks]
     for law in x0 or []:
-        starts.append(_theta(law.E, law.A, law.B, law.alpha, law.beta, floor))
+        starts.append(prob.centred(_theta(law.E, law.A, law.B, law.alpha, law.beta, floor)))
     values0 = [prob.value(t) for t in starts]
     scale = min(values0)
     if not scale > 0:
@@ -396,7 +411,7 @@ def fit_points(
             "the optimizer stopped at its starting point with a non-zero gradient"
         )
 
-    law = DataModelLaw.from_log_params(xbest)
+    law = DataModelLaw.from_log_params(prob.uncentred(xbest))
     r = prob.residuals(xbest)
     w_pts = np.ones_like(r) if weights is None else np.asarray(weights, dtype=float)
     mean_obj = float(np.dot(w_pts, huber(r, delta)) / w_pts.sum())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import journal_counts, journal_metrics, tiny_overrides
+from helpers import assert_same_curves, journal_counts, journal_metrics, tiny_overrides
 
 from windtunnel import checkpoint
 
@@ -43,24 +43,8 @@ def _run(tmp: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every journaled train/loss and val_loss of a run and of its branches."""
-    out: dict[str, dict[int, float]] = {}
-    for journal in sorted(run_dir.rglob("journal.jsonl")):
-        where = journal.parent.relative_to(run_dir).as_posix()
-        for key, points in journal_metrics(journal).items():
-            if key in ("train/loss", "val_loss"):
-                out[f"{where}:{key}"] = points
-    return out
-
-
 def _assert_same_curves(got: Path, want: Path) -> None:
-    a, b = _curves(got), _curves(want)
-    assert a.keys() == b.keys()
-    for key in b:
-        assert a[key].keys() == b[key].keys(), key
-        for step, value in b[key].items():
-            assert a[key][step] == pytest.approx(value, rel=RTOL), (key, step)
+    assert_same_curves(got, want, RTOL)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +112,7 @@ def test_sigusr2_to_one_rank_stops_both_at_one_step_and_resumes_on_one(tmp_path,
     run = tmp_path / "runs" / "ref"
     _wait_checkpoint(run / "ckpt" / "main", proc)
     ranks[-1].send_signal(signal.SIGUSR2)
-    out, err = proc.communicate(timeout=WAIT)
+    _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 75, err[-3000:]
     assert "Traceback" not in err
     # both ranks stopped at the step they agreed on, and saved it once, together
@@ -177,7 +161,9 @@ def test_a_rank_that_dies_stops_the_other_and_the_run_resumes(tmp_path, long_ref
     ranks[0].kill()
     _, err = proc.communicate(timeout=WAIT)
     assert time.monotonic() - t0 < 60, "the surviving rank hung"
-    assert proc.returncode != 0 and not any(r.is_running() and r.status() != "zombie" for r in ranks)
+    assert proc.returncode != 0 and not any(
+        r.is_running() and r.status() != "zombie" for r in ranks
+    )
     assert "was killed by SIGKILL" in err and "Rerun the same command" in err
 
     _run(tmp_path, *LONG, "name=ref", "train.nproc_per_node=2")

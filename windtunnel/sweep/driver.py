@@ -52,7 +52,9 @@ def storage_url(spec: SweepSpec) -> str:
 
 
 class Driver:
-    def __init__(self, spec: SweepSpec, *, view: Any = None) -> None:
+    def __init__(
+        self, spec: SweepSpec, *, view: Any = None, template: TrialTemplate | None = None
+    ) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -79,7 +81,7 @@ class Driver:
         if grid:
             self._enqueue_grid()
         self.view = view
-        self.template: TrialTemplate = trial_template(spec)
+        self.template: TrialTemplate = template or trial_template(spec)
         self.active: dict[int, tuple[Any, OptunaTrial]] = {}  # trial number → (handle, job)
         self.failures: dict[int, str] = {}
         self.parent = None
@@ -249,8 +251,27 @@ class Driver:
             close_parent(self.parent, summary)
 
 
+def trial_ranks(spec: SweepSpec, template: TrialTemplate) -> None:
+    """Set the spec's launcher for the trials' ranks (``train.nproc_per_node``); refuse, in one
+    line, trials of several ranks where the launcher runs a trial as one process (Ray, local)."""
+    from windtunnel.launch.options import with_ranks
+
+    nprocs = sorted({c.train.nproc_per_node for c in template.configs.values()})
+    if len(nprocs) > 1:
+        raise ValueError(f"the trials ask for different train.nproc_per_node ({nprocs}): use one")
+    if spec.sweep.engine == "ray" and nprocs[0] > 1:
+        raise ValueError(
+            f"train.nproc_per_node={nprocs[0]}: sweep.engine=ray runs each trial as one process; "
+            "run trials of several ranks with sweep.engine=optuna launcher=slurm "
+            "(launcher.tasks_per_node, launcher.nodes)"
+        )
+    spec.launcher = with_ranks(spec.launcher, nprocs[0])
+
+
 def run_sweep(spec: SweepSpec, *, view: Any = None) -> SweepSummary:
     """Run (or resume) a sweep to its end with the spec's launcher."""
+    template = trial_template(spec)
+    trial_ranks(spec, template)
     if spec.sweep.engine == "ray":
         from windtunnel.sweep.ray_tune import run_ray_sweep
 
@@ -259,6 +280,6 @@ def run_sweep(spec: SweepSpec, *, view: Any = None) -> SweepSummary:
 
     launcher = make_launcher(spec.launcher)
     try:
-        return Driver(spec, view=view).run(launcher)
+        return Driver(spec, view=view, template=template).run(launcher)
     finally:
         launcher.close()

@@ -55,3 +55,26 @@ def journal_counts(path: Path) -> dict[tuple[str, int], int]:
             for k in ev["values"]:
                 counts[(k, int(ev["step"]))] = counts.get((k, int(ev["step"])), 0) + 1
     return counts
+
+
+def curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every journaled train/loss and val_loss of a run and of its branches."""
+    out: dict[str, dict[int, float]] = {}
+    for journal in sorted(run_dir.rglob("journal.jsonl")):
+        where = journal.parent.relative_to(run_dir).as_posix()
+        for key, points in journal_metrics(journal).items():
+            if key in ("train/loss", "val_loss"):
+                out[f"{where}:{key}"] = points
+    return out
+
+
+def assert_same_curves(got: Path, want: Path, rtol: float) -> None:
+    """The runs in ``got`` and ``want`` have the same curves, point for point, to ``rtol``."""
+    import pytest
+
+    a, b = curves(got), curves(want)
+    assert a.keys() == b.keys()
+    for key in b:
+        assert a[key].keys() == b[key].keys(), key
+        for step, value in b[key].items():
+            assert a[key][step] == pytest.approx(value, rel=rtol), (key, step)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import journal_counts, journal_metrics, tiny_overrides
+from helpers import assert_same_curves, journal_counts, journal_metrics, tiny_overrides
 
 from windtunnel import checkpoint
 
@@ -43,24 +43,8 @@ def _run(tmp: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _curves(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every journaled train/loss and val_loss of a run and of its branches."""
-    out: dict[str, dict[int, float]] = {}
-    for journal in sorted(run_dir.rglob("journal.jsonl")):
-        where = journal.parent.relative_to(run_dir).as_posix()
-        for key, points in journal_metrics(journal).items():
-            if key in ("train/loss", "val_loss"):
-                out[f"{where}:{key}"] = points
-    return out
-
-
 def _assert_same_curves(got: Path, want: Path) -> None:
-    a, b = _curves(got), _curves(want)
-    assert a.keys() == b.keys()
-    for key in b:
-        assert a[key].keys() == b[key].keys(), key
-        for step, value in b[key].items():
-            assert a[key][step] == pytest.approx(value, rel=RTOL), (key, step)
+    assert_same_curves(got, want, RTOL)
 
 
 @pytest.fixture(scope="module")

@@ -206,3 +206,25 @@ def test_a_gpu_of_any_size_can_be_given_directly():
     assert not estimate(res, gpu=tiny, margin=1.0).fits
     assert "does not fit" in estimate(res, gpu=tiny, margin=1.0).refusal()
     assert estimate(res, gpu=big, margin=1.0).fits
+
+
+def test_a_slurm_run_that_cannot_fit_is_refused_before_it_is_submitted(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "windtunnel",
+        "train",
+        "model=minicpm_2p4b",
+        "data.seq_len=4096",
+        "optim.batch_size=64",
+        "launcher=slurm",
+        f"launcher.folder={tmp_path}/submitit",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert "does not fit" in line and "set optim.grad_accum=" in line and "--gpu h100" in line
+    assert not (tmp_path / "submitit").exists()  # nothing was submitted

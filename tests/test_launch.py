@@ -407,6 +407,17 @@ GOLDEN_CASES = {
         "signal_delay_s": 30,
     },
     "packed": {"trials_per_job": 4, "gpus_per_node": 1, "mem_gb": 1.5},
+    # the full run: one trial on 16 nodes x 8 GPUs, one task (rank) per GPU
+    "multi_node": {
+        "partition": "gpu",
+        "nodes": 16,
+        "gpus_per_node": 8,
+        "cpus_per_task": 12,
+        "timeout_min": 1440,
+        "job_name": "wt-full",
+    },
+    # a trial of 2 ranks on a CPU node (what the integration tests run)
+    "two_tasks_cpu": {"tasks_per_node": 2, "cpus_per_task": 1, "mem_gb": 2, "timeout_min": 30},
 }
 
 
@@ -437,6 +448,8 @@ OPTION_SAMPLES = {  # a valid, non-default value of every launcher option
     "job_name": "wt",
     "partition": "gpu",
     "gpus_per_node": 1,
+    "nodes": 2,
+    "tasks_per_node": 2,
     "cpus_per_task": 2,
     "mem_gb": 1.5,
     "timeout_min": 30,

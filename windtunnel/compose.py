@@ -19,9 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from windtunnel.config import RunConfig, from_dict
+
+if TYPE_CHECKING:
+    from windtunnel.launch.options import LauncherOptions
 
 T = TypeVar("T")
 
@@ -151,6 +154,35 @@ def split_overrides(
     """``(overrides of the spec itself, the rest)``: a spec's own top-level keys are ``own``."""
     mine = [o for o in overrides or [] if o.lstrip("+~").split("=")[0].split(".")[0] in own]
     return mine, [o for o in overrides or [] if o not in mine]
+
+
+def compose_launcher(overrides: Sequence[str]) -> LauncherOptions:
+    """``launcher=NAME`` and ``launcher.KEY=VALUE`` overrides → that backend's typed options
+    (``conf/launcher/NAME.yaml`` with the keys set on top; ``local`` when no name is given)."""
+    from omegaconf import OmegaConf
+
+    from windtunnel.launch.options import launcher_options
+
+    name, keys = "local", []
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key == "launcher":
+            name = value
+        elif key.startswith("launcher."):
+            keys.append(f"{key[len('launcher.') :]}={value}")
+        else:
+            raise ValueError(f"{o!r}: give launcher=NAME or launcher.KEY=VALUE")
+    path = conf_dir() / "launcher" / f"{name}.yaml"
+    if not path.is_file():
+        ready = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"launcher={name}: choose one of {', '.join(ready)}")
+    try:
+        node = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(keys))
+        data = OmegaConf.to_container(node, resolve=True)
+    except _hydra_errors() as e:
+        raise ValueError(f"bad launcher override in {list(overrides)}: {e}") from None
+    assert isinstance(data, dict)
+    return launcher_options({str(k): v for k, v in data.items()})
 
 
 def parse_dotlist(overrides: Sequence[str]) -> dict[str, Any]:

@@ -594,3 +594,16 @@ def check_world(cfg: RunConfig, world: World) -> int:
             f"use a world size that divides {micro} (e.g. {fits[-1]}) or change the batch"
         )
     return micro
+
+
+def submit_run(cfg: RunConfig, options: Any, *, say: Callable[[str], None] = print) -> Any:
+    """The run as one job of the launcher of ``options`` (SLURM: ``nodes * tasks_per_node``
+    ranks, by default one per GPU; ``train.nproc_per_node`` sets the tasks per node), waited
+    for: a :class:`~windtunnel.launch.job.JobEnd` whose value is rank 0's :class:`TrainResult`.
+    A layout the launcher cannot start, or that cannot split the batch, is refused here."""
+    from windtunnel.launch.job import run_job
+    from windtunnel.launch.options import with_ranks
+
+    options = with_ranks(options, cfg.train.nproc_per_node)
+    check_world(cfg, World(size=getattr(options, "world_size", 1)))
+    return run_job(options, train, cfg, say=say)

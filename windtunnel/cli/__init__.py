@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from windtunnel.compose import compose_run, config_groups
+from windtunnel.compose import compose_launcher, compose_run, config_groups, split_overrides
 from windtunnel.estimate import GPUS
 
 EXIT_USER_ERROR = 2
@@ -66,9 +66,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = compose_run(args.overrides)
+    own, overrides = split_overrides(args.overrides, ("launcher",))
+    cfg = compose_run(overrides)
+    launcher = compose_launcher(own) if own else None
+    if launcher is not None and launcher.name in ("local", "inline"):
+        launcher = None  # this machine: the ranks start here
+    if launcher is not None and not args.world_size:  # the job's ranks
+        from windtunnel.launch.options import with_ranks
+
+        ranks = with_ranks(launcher, cfg.train.nproc_per_node)
+        args.world_size = getattr(ranks, "world_size", 1)
     if args.dry_run:
         return train_dry_run(cfg, args)
+    if launcher is not None:  # the run as one job (SLURM: nodes x tasks_per_node ranks)
+        refusal = memory_refusal(cfg, args)
+        if refusal:  # before anything is submitted
+            print(f"windtunnel train: {refusal} (estimated for --gpu {args.gpu})", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return train_job(cfg, launcher)
     from windtunnel.distributed import World
     from windtunnel.launch.ranks import check_nproc, run_ranks, under_launcher
     from windtunnel.train import check_world, train
@@ -81,6 +96,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, handle_signals=True)
     if os.environ.get("RANK", "0") != "0":  # rank 0 reports for the run
         return {"finished": 0, "preempted": EXIT_PREEMPTED}.get(result.status, EXIT_RUN_FAILED)
+    return report_run(result)
+
+
+def train_job(cfg: Any, launcher: Any) -> int:
+    """``windtunnel train ... launcher=slurm``: the run as one job, waited for, reported as a
+    local run is (exit 75 when it was preempted and not requeued: rerun to resume)."""
+    from windtunnel.train import submit_run
+
+    end = submit_run(cfg, launcher, say=lambda line: print(line, file=sys.stderr))
+    if end.failure is None:
+        return report_run(end.value)
+    how = "was preempted and not requeued (rerun the same command to resume)"
+    print(f"job {end.job_id} {how if end.preempted else 'failed'}: {end.failure}", file=sys.stderr)
+    return EXIT_PREEMPTED if end.preempted else EXIT_RUN_FAILED
+
+
+def report_run(result: Any) -> int:
+    """Say where the curves are (or why the run stopped), emit its JSON; the exit status."""
     if result.status == "finished":
         where = result.dashboard or result.tracking_uri or f"the journal in {result.run_dir}"
         print(f"loss curves: {where}", file=sys.stderr)
@@ -88,6 +121,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {result.status}: {result.failure}", file=sys.stderr)
     emit(result.to_json())
     return {"finished": 0, "preempted": EXIT_PREEMPTED}.get(result.status, EXIT_RUN_FAILED)
+
+
+def memory_refusal(cfg: Any, args: argparse.Namespace) -> str:
+    """Why the run cannot fit ``--gpu`` on its ranks ('' when it fits), from the estimate."""
+    from windtunnel import estimate
+    from windtunnel.config import resolve
+
+    res = resolve(cfg, cfg.data.vocab_size)
+    world = args.world_size or cfg.train.nproc_per_node
+    return estimate.estimate(res, gpu=args.gpu, world_size=world, mfu=args.mfu).refusal()
 
 
 def train_dry_run(cfg: Any, args: argparse.Namespace) -> int:
@@ -362,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing; exit 2 when the run cannot fit the GPU's memory, saying what to change",
     )
     tr.add_argument(
-        "--gpu", default="h100", choices=list(GPUS), help="with --dry-run: the GPU kind"
+        "--gpu",
+        default="h100",
+        choices=list(GPUS),
+        help="the GPU kind of --dry-run, and of the memory check before a SLURM job is submitted",
     )
     tr.add_argument(
         "--world-size",

@@ -88,10 +88,18 @@ class SlurmOptions(LauncherOptions):
     """``--job-name``."""
     partition: str | None = None
     """``--partition``."""
+    nodes: int = 1
+    """``--nodes``: the nodes of one trial (its ranks span them all)."""
     gpus_per_node: int | None = None
-    """``--gpus-per-node``."""
+    """``--gpus-per-node``; also the default of ``tasks_per_node`` (one rank per GPU)."""
+    tasks_per_node: int | None = None
+    """``--ntasks-per-node``: the ranks of one trial on each node; a trial then runs on
+    ``nodes * tasks_per_node`` ranks (default: ``gpus_per_node``, or 1 without GPUs or when
+    packing trials with ``trials_per_job > 1``)."""
     cpus_per_task: int | None = None
-    """``--cpus-per-task`` (default: ``trials_per_job`` when above 1, else SLURM's default)."""
+    """``--cpus-per-task``: cores of each task, i.e. of each rank when a trial spans several
+    (a node then gives ``tasks_per_node * cpus_per_task``); default ``trials_per_job`` when above
+    1, else SLURM's default."""
     mem_gb: float | None = None
     """``--mem`` in GB (fractions become MB)."""
     timeout_min: int = 60
@@ -118,6 +126,32 @@ class SlurmOptions(LauncherOptions):
     """Python command on the nodes (default: this interpreter)."""
     poll_interval_s: float = 2.0
     """Seconds between ``sacct`` polls of the job states."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("nodes", "tasks_per_node"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"launcher.{key} must be >= 1, got {value!r}")
+        if self.trials_per_job > 1 and self.world_size > 1:
+            raise ValueError(
+                f"launcher.trials_per_job={self.trials_per_job} packs one-process trials into a "
+                f"job, but each trial here spans {self.world_size} ranks (launcher.nodes="
+                f"{self.nodes}, launcher.tasks_per_node={self.ranks_per_node}): pack tiny proxies "
+                "or spread big ones over ranks, not both"
+            )
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Tasks (ranks) of one trial on each node: ``tasks_per_node``, else one per GPU."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return (self.gpus_per_node or 1) if self.trials_per_job == 1 else 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one trial: ``nodes * ranks_per_node``."""
+        return self.nodes * self.ranks_per_node
 
 
 @dataclass(kw_only=True)
@@ -164,6 +198,46 @@ def launcher_options(
     if unknown:
         raise ValueError(_refusal(name, unknown, valid))
     return _typed(cls, items)
+
+
+def with_ranks(options: LauncherOptions, nproc_per_node: int) -> LauncherOptions:
+    """The launcher options for trials of ``train.nproc_per_node`` ranks per node; a one-line
+    ValueError where the launcher cannot start them.
+
+    On SLURM the ranks are the job's tasks: ``nproc_per_node > 1`` sets ``tasks_per_node`` when
+    it is not given, and must agree with it (or with ``gpus_per_node``) when it is. Ray and the
+    sweep launchers of this machine (local, inline) start the trial's ranks themselves (torch's
+    elastic launcher), one trial per job; Ray runs a trial as one process.
+    """
+    if nproc_per_node <= 1:
+        return options
+    if isinstance(options, (LocalOptions, InlineOptions)):
+        if options.trials_per_job > 1:
+            raise ValueError(
+                f"train.nproc_per_node={nproc_per_node} with launcher.trials_per_job="
+                f"{options.trials_per_job}: a trial that spans ranks takes its job alone; "
+                "set launcher.trials_per_job=1 for it (sweep.resources can do so by size)"
+            )
+        return options
+    if isinstance(options, SlurmOptions):
+        said = options.tasks_per_node
+        if said is None and options.trials_per_job == 1:
+            said = options.gpus_per_node
+        if said is None:
+            return dataclasses.replace(options, tasks_per_node=nproc_per_node)
+        if said != nproc_per_node:
+            which = "tasks_per_node" if options.tasks_per_node else "gpus_per_node"
+            raise ValueError(
+                f"train.nproc_per_node={nproc_per_node} but launcher.{which}={said}: on SLURM "
+                "the ranks of a node are its tasks (one per GPU); set one of them, or both equal"
+            )
+        return options
+    raise ValueError(
+        f"train.nproc_per_node={nproc_per_node}: launcher={options.name} runs each trial as one "
+        "process; run trials of several ranks with launcher=slurm (launcher.tasks_per_node, "
+        "launcher.gpus_per_node, launcher.nodes) or launcher=local, or one run on this machine "
+        f"with `windtunnel train ... train.nproc_per_node={nproc_per_node}`"
+    )
 
 
 def _refusal(name: str, unknown: list[str], valid: tuple[str, ...]) -> str:

@@ -18,6 +18,7 @@ failed with its SLURM state (CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...) 
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -46,6 +47,12 @@ from windtunnel.launch.outcome import Outcome
 PREEMPTED_FINAL_S = 120.0  # PREEMPTED this long without a requeue: preempted for good
 RESULT_GRACE_S = 3.0  # a finished job's result file may show up a little after sacct says so
 LOG_TAIL_LINES = 40
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+"""srun flags of a job of several tasks: one task's failure ends the step (and so the others)."""
+MASTER_PORTS = (20000, 32768)
+"""MASTER_PORT of a job of several tasks: ``20000 + job id mod 12768``, below Linux's ephemeral
+ports (32768-60999, where a client socket could hold it): two jobs on one node collide only if
+their ids differ by a multiple of 12768."""
 
 # SLURM job states -> normalized states (the rest: FAILED)
 _ACTIVE = {
@@ -104,6 +111,9 @@ def slurm_parameters(options: SlurmOptions | Mapping[str, Any]) -> dict[str, Any
 
     Defaults: job name "windtunnel", 60 min, one task on one node, USR2 90 s before the limit;
     with ``trials_per_job = k > 1`` and no ``cpus_per_task``, k CPUs (one per trial process).
+    A trial of several ranks (``nodes``, ``tasks_per_node``, by default one task per GPU) is one
+    job of ``nodes * tasks_per_node`` tasks, whose step srun ends as soon as one task fails
+    (``--kill-on-bad-exit``: no rank waits for a dead one until the time limit).
     """
     o = _options(options)
     k = o.trials_per_job
@@ -118,10 +128,12 @@ def slurm_parameters(options: SlurmOptions | Mapping[str, Any]) -> dict[str, Any
     p: dict[str, Any] = {
         "job_name": str(o.job_name),
         "time": time_min,
-        "nodes": 1,
-        "ntasks_per_node": 1,
+        "nodes": int(o.nodes),
+        "ntasks_per_node": o.ranks_per_node,
         "signal_delay_s": signal_delay,
     }
+    if o.world_size > 1:
+        p["srun_args"] = list(SRUN_ARGS)
     cpus = o.cpus_per_task or (k if k > 1 else None)
     if cpus:
         p["cpus_per_task"] = int(cpus)
@@ -162,6 +174,56 @@ def sbatch_script(
     return compat.sbatch_script(dict(params), folder, command, map_count)
 
 
+# --- the ranks of a job of several tasks ----------------------------------------------------------
+def export_rank_env() -> dict[str, str]:
+    """In one task of a SLURM job of several tasks: torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from SLURM's, set in ``os.environ``
+    and returned; ``{}`` (nothing set) in a job of one task.
+
+    submitit's ``TorchDistributedEnvironment`` reads them (rank = SLURM_PROCID, master = the
+    job's first node). Its MASTER_PORT is a random draw seeded by the job id (20000-60000), or an
+    inherited MASTER_PORT, which sbatch copies from the submitting shell into every job alike:
+    the port is set here from the job id instead (see :data:`MASTER_PORTS`). Variables inherited
+    from the submitting shell are overwritten: the job's own layout wins. CUDA_VISIBLE_DEVICES
+    is left as SLURM set it (every task of a node sees the node's GPUs; a rank takes GPU
+    LOCAL_RANK).
+    """
+    ntasks = os.environ.get("SLURM_NTASKS", "1")
+    if not ntasks.isdigit() or int(ntasks) <= 1:
+        return {}
+    from submitit.helpers import TorchDistributedEnvironment
+
+    job_id = os.environ.get("SLURM_JOB_ID", "0")
+    low, high = MASTER_PORTS
+    os.environ["MASTER_PORT"] = str(low + int(job_id) % (high - low) if job_id.isdigit() else low)
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.local_world_size),
+        "MASTER_ADDR": str(env.master_addr),
+        "MASTER_PORT": str(env.master_port),
+    }
+
+
+class RankedCall:
+    """``fn`` as one rank of a trial spanning the tasks of a SLURM job: torchrun's variables are
+    exported (:func:`export_rank_env`) in each task before ``fn`` runs, also after a requeue
+    (the launcher wraps it in :class:`~windtunnel.launch.checkpoint.Requeueable`, which requeues
+    this same call). Rank 0's return value is the job's result."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        export_rank_env()
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RankedCall({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
 # --- handles --------------------------------------------------------------------------------------
 class _Poller:
     """One ``sacct`` call for all jobs at most every ``interval`` seconds."""
@@ -195,10 +257,14 @@ def _parse_trace(trace: str) -> tuple[str, str]:
 
 
 class SlurmJobHandle(JobHandle):
+    """One SLURM job. A job of several tasks (the ranks of one trial) has its result from task 0
+    (rank 0); when task 0 has none because another task failed, that task's error is reported."""
+
     def __init__(self, job: Any, poll_interval_s: float) -> None:
         from submitit.slurm.slurm import SlurmJob
 
         self._job = job
+        self._tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
         self.job_id = str(job.job_id)
         self._poll = poll_interval_s
         self._cancel_requested = False
@@ -212,7 +278,8 @@ class SlurmJobHandle(JobHandle):
 
     @property
     def paths(self) -> Any:
-        return self._job.paths
+        """Task 0's paths (its result, its logs)."""
+        return self._tasks[0].paths
 
     @property
     def native_state(self) -> str:
@@ -231,7 +298,7 @@ class SlurmJobHandle(JobHandle):
         return _ACTIVE.get(self.native_state.split()[0].upper(), RUNNING)
 
     def _has_result(self) -> bool:
-        return self._job.paths.result_pickle.exists()
+        return self.paths.result_pickle.exists()
 
     def done(self) -> bool:
         if self._outcome is not None or self._has_result():
@@ -256,7 +323,7 @@ class SlurmJobHandle(JobHandle):
     def _finish(self) -> Outcome:
         if self._outcome is not None:
             return self._outcome
-        paths = self._job.paths
+        paths = self.paths
         native = self.native_state or "UNKNOWN"
         word = native.split()[0].upper()
         # a job that ran to its end may have written its result a moment before sacct says so
@@ -266,8 +333,9 @@ class SlurmJobHandle(JobHandle):
         deadline = time.monotonic() + grace
         while not paths.result_pickle.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        failed_rank = None if paths.result_pickle.exists() else self._failed_task()
         if paths.result_pickle.exists():
-            status, value = self._job._get_outcome_and_result()
+            status, value = self._tasks[0]._get_outcome_and_result()
             if status == "success":
                 self._outcome = Outcome(True, value)
             else:
@@ -277,14 +345,35 @@ class SlurmJobHandle(JobHandle):
                 )
         elif self._cancel_requested:
             self._outcome = Outcome.cancel()
+        elif failed_rank is not None:  # another rank raised; srun then stopped the rest
+            rank, trace = failed_rank
+            exc_type, message = _parse_trace(trace)
+            self._outcome = Outcome(
+                False,
+                exc_type=exc_type,
+                message=f"{message} (rank {rank} of {len(self._tasks)}; srun stopped the others)",
+                traceback=trace,
+            )
         else:
             why = _REASONS.get(word, "ended without a result")
             self._outcome = Outcome.failed(f"slurm job {why} (state {native})", log=self.log_tail())
         return self._outcome
 
+    def _failed_task(self) -> tuple[int, str] | None:
+        """(rank, traceback) of the first task other than 0 whose call raised, if any."""
+        for rank, task in enumerate(self._tasks[1:], start=1):
+            if task.paths.result_pickle.exists():
+                try:
+                    status, value = task._get_outcome_and_result()
+                except Exception:  # a torn or unreadable result: not evidence of anything
+                    continue
+                if status != "success":
+                    return rank, str(value)
+        return None
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str | None:
         parts = []
-        for p in (self._job.paths.stderr, self._job.paths.stdout):
+        for p in (self.paths.stderr, self.paths.stdout):
             try:
                 text = p.read_text(errors="replace")
             except OSError:
@@ -354,7 +443,12 @@ class SlurmLauncher(Launcher):
         _check_accounting()
 
     def _wrap(self, fn: Any) -> Any:
-        if not self.checkpointable or hasattr(fn, "checkpoint"):
+        """What the job runs: ``fn``, as one rank of several when the job has several tasks,
+        requeued on preemption unless not checkpointable (or ``fn`` checkpoints itself)."""
+        own_checkpoint = hasattr(fn, "checkpoint")
+        if self.options.world_size > 1:
+            fn = RankedCall(fn)
+        if not self.checkpointable or own_checkpoint:
             return fn
         from windtunnel.launch.checkpoint import Requeueable
 

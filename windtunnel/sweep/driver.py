@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from windtunnel import compat
+from windtunnel.launch.options import with_ranks
 from windtunnel.sweep.parent import SweepSummary, close_parent, open_parent
 from windtunnel.sweep.resources import apply_rule, model_params, rule_index, rule_launcher
 from windtunnel.sweep.spec import (
@@ -54,7 +55,9 @@ def storage_url(spec: SweepSpec) -> str:
 
 
 class Driver:
-    def __init__(self, spec: SweepSpec, *, view: Any = None) -> None:
+    def __init__(
+        self, spec: SweepSpec, *, view: Any = None, template: TrialTemplate | None = None
+    ) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -81,9 +84,9 @@ class Driver:
         if grid:
             self._enqueue_grid()
         self.view = view
-        self.template: TrialTemplate = trial_template(spec)
+        self.template: TrialTemplate = template or trial_template(spec)
         self.active: dict[int, tuple[Any, OptunaTrial]] = {}  # trial number → (handle, job)
-        self.launchers: dict[int | None, Any] = {}  # resource rule → its launcher
+        self.launchers: dict[str | None, Any] = {}  # the trials' launcher options → a launcher
         self.failures: dict[int, str] = {}
         self.parent = None
         self.tracker = None
@@ -110,7 +113,7 @@ class Driver:
             threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
         parent = self.parent.run_id if self.parent else None
         config = self.template.config(number, params, parent_run_id=parent, threads=threads)
-        config = apply_rule(config, self._rule(config))
+        config = apply_rule(config, trial_rule(self.spec, config))
         return OptunaTrial(
             spec=TrialSpec(config=config, objective=self.s.objective),
             storage=self.url,
@@ -122,23 +125,14 @@ class Driver:
         )
 
     # -- resources -------------------------------------------------------------------------------
-    def _rule_index(self, config: Any) -> int | None:
-        rules = self.s.resources
-        return rule_index(rules, model_params(config)) if rules else None
-
-    def _rule(self, config: Any) -> ResourceRule | None:
-        i = self._rule_index(config)
-        return None if i is None else self.s.resources[i]
-
     def _launcher(self, config: Any) -> Any:
-        """The launcher of the trial's resource rule (made on first use, closed at the end)."""
+        """The launcher of the trial's resources (made on first use, closed at the end)."""
         from windtunnel.launch import make_launcher
 
-        i = self._rule_index(config)
-        key = i if i is not None and self.s.resources[i].launcher else None
+        opts = trial_options(self.spec, config)
+        key = None if opts == self.spec.launcher else repr(opts)
         if key not in self.launchers:
-            rule = self.s.resources[key] if key is not None else None
-            self.launchers[key] = make_launcher(rule_launcher(self.spec.launcher, rule))
+            self.launchers[key] = make_launcher(opts)
         return self.launchers[key]
 
     def _close_launchers(self) -> None:
@@ -280,8 +274,39 @@ class Driver:
             close_parent(self.parent, summary)
 
 
+def trial_ranks(spec: SweepSpec, template: TrialTemplate) -> None:
+    """Check, before anything runs, that the launcher can start every trial's ranks (its
+    resource rule and ``train.nproc_per_node``); one line where it cannot (Ray, packing)."""
+    for cfg in template.configs.values():
+        rule = trial_rule(spec, cfg)
+        nproc = apply_rule(cfg, rule).train.nproc_per_node
+        if spec.sweep.engine == "ray" and (nproc > 1 or spec.sweep.resources):
+            raise ValueError(
+                f"train.nproc_per_node={nproc} / sweep.resources: sweep.engine=ray runs each "
+                "trial as one process on its own resources; run trials of several ranks with "
+                "sweep.engine=optuna and launcher=slurm or launcher=local"
+            )
+        trial_options(spec, cfg)
+
+
+def trial_rule(spec: SweepSpec, cfg: Any) -> ResourceRule | None:
+    """The ``sweep.resources`` rule of a trial's run config (None: the sweep's launcher)."""
+    rules = spec.sweep.resources
+    i = rule_index(rules, model_params(cfg)) if rules else None
+    return None if i is None else rules[i]
+
+
+def trial_options(spec: SweepSpec, cfg: Any) -> Any:
+    """The launcher options a trial runs under: its rule's, set for its ranks."""
+    rule = trial_rule(spec, cfg)
+    nproc = apply_rule(cfg, rule).train.nproc_per_node
+    return with_ranks(rule_launcher(spec.launcher, rule), nproc)
+
+
 def run_sweep(spec: SweepSpec, *, view: Any = None) -> SweepSummary:
     """Run (or resume) a sweep to its end with the spec's launcher."""
+    template = trial_template(spec)
+    trial_ranks(spec, template)
     if spec.sweep.engine == "ray":
         from windtunnel.sweep.ray_tune import run_ray_sweep
 
@@ -290,6 +315,6 @@ def run_sweep(spec: SweepSpec, *, view: Any = None) -> SweepSummary:
 
     launcher = make_launcher(spec.launcher)
     try:
-        return Driver(spec, view=view).run(launcher)
+        return Driver(spec, view=view, template=template).run(launcher)
     finally:
         launcher.close()

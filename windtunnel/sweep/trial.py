@@ -7,9 +7,10 @@ the driver only); a trial's config is that template with its sampled values set
 ``report`` callback; each engine brings its own:
 
 * the Optuna driver (:class:`OptunaTrial`): the worker reports to the study itself (the journal
-  storage is safe for concurrent writers) and stops when the pruner says so; the driver, not the
-  worker, tells the study the final state, so a job that dies leaves its trial RUNNING for the
-  driver to retry or fail with the reason. A retried trial reuses its run folder: it resumes
+  storage is safe for concurrent writers) and stops when the pruner says so (a trial of several
+  ranks: rank 0 alone reports and asks, and every rank stops); the driver, not the worker, tells
+  the study the final state from the job's result (rank 0's), so a job that dies leaves its
+  trial RUNNING for the driver to retry or fail with the reason. A retried trial reuses its run folder: it resumes
   from its checkpoint and continues the same MLflow run;
 * the Ray Tune engine (``windtunnel.sweep.ray_tune``): the callback is ``tune.report``.
 """
@@ -188,6 +189,7 @@ class OptunaTrial:
     def __call__(self) -> TrialResult:
         import optuna
 
+        from windtunnel.distributed import world_from_env
         from windtunnel.engine import Pruned
         from windtunnel.launch.ranks import call_on_ranks, under_launcher
         from windtunnel.sweep.spec import make_pruner
@@ -195,7 +197,8 @@ class OptunaTrial:
         nproc = self.spec.config.train.nproc_per_node
         if nproc > 1 and not under_launcher():  # this trial spans ranks of this machine
             return call_on_ranks(nproc, self)
-
+        if not world_from_env().main:  # one rank of several: rank 0 alone talks to the study
+            return run_trial(self.spec, _never_called)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(
             study_name=self.study,
@@ -213,3 +216,8 @@ class OptunaTrial:
                 raise Pruned(f"{self.spec.objective}={value:.4f} at {tokens} tokens")
 
         return run_trial(self.spec, report)
+
+
+def _never_called(tokens: int, value: float) -> None:
+    """The report of ranks other than 0 (the trainer evaluates the objective on rank 0 only)."""
+    raise AssertionError("only rank 0 reports a trial's values")

@@ -213,3 +213,42 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     assert checkpoint.load_model(tmp_path / "c", again)["step"] == 3
     assert all(a.equal(b) for a, b in zip(small.state_dict().values(), again.state_dict().values()))
     shutil.rmtree(tmp_path / "c")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_mup_groups_and_init_survive_wrapping(tmp_path, parallel):
+    """Every rank's optimizer holds the single process's μP groups (lr/m for hidden matrices,
+    no decay on embeddings and vectors) over the same initial weights."""
+    probe = str(Path(__file__).parent / "dist_probe.py")
+    args = ["model=micro_xxs", "data.vocab_size=300", "optim.lr=0.02", f"train.parallel={parallel}"]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = subprocess.run(
+        [sys.executable, probe, *args],
+        env={**ENV, "WT_PROBE_OUT": str(tmp_path / "one")},
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    two = subprocess.run(
+        [*torchrun, probe, *args],
+        env={**ENV, "OMP_NUM_THREADS": "1", "WT_PROBE_OUT": str(tmp_path / "two")},
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert two.returncode == 0, two.stderr[-8000:]
+    ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "two").glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    m = 32 / 64  # micro_xxs: d_model 32 over dim_model_base 64
+    by_name = {g["name"]: g for g in ref["groups"]}
+    assert by_name["hidden"]["lr"] == pytest.approx(0.02 / m) and by_name["vector"]["lr"] == 0.02
+    assert by_name["embedding"]["weight_decay"] == 0 and by_name["hidden"]["weight_decay"] > 0
+    for rank in ranks:
+        assert rank["net"] == {"ddp": "DistributedDataParallel", "fsdp": "FSDPDecoder"}[parallel]
+        for got, want in zip(rank["groups"], ref["groups"], strict=True):
+            assert {k: got[k] for k in ("name", "lr", "lr_scale", "weight_decay", "numel")} == {
+                k: want[k] for k in ("name", "lr", "lr_scale", "weight_decay", "numel")
+            }
+            assert got["sum_sq"] == pytest.approx(want["sum_sq"], rel=1e-12)

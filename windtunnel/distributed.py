@@ -114,8 +114,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.init_process_group("gloo")
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank is done with the group before any tears it down (gloo aborts a rank whose
+    # peer disappears mid-teardown)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class StopRequest:

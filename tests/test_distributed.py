@@ -87,6 +87,12 @@ def test_accumulation_of_micro_batches_equals_the_whole_batch(tmp_path, referenc
     _assert_same_curves(tmp_path / "runs" / "ref", reference)
 
 
+def test_activation_checkpointing_trains_the_same_curve(tmp_path, reference):
+    """Recomputing each block in the backward pass saves memory, not results."""
+    _run(tmp_path, *BRANCHED, "name=ref", "train.activation_checkpointing=true")
+    _assert_same_curves(tmp_path / "runs" / "ref", reference)
+
+
 def _children(pid: int, n: int) -> list[psutil.Process]:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:

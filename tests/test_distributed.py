@@ -258,3 +258,20 @@ def test_mup_groups_and_init_survive_wrapping(tmp_path, parallel):
                 k: want[k] for k in ("name", "lr", "lr_scale", "weight_decay", "numel")
             }
             assert got["sum_sq"] == pytest.approx(want["sum_sq"], rel=1e-12)
+
+
+def test_fsdp_on_a_model_too_small_to_shard_says_to_use_ddp():
+    from windtunnel.compose import compose_run
+    from windtunnel.config import resolve
+    from windtunnel.engine import fsdp_refusal
+
+    def res(*overrides: str):
+        cfg = compose_run(["train.parallel=fsdp", *overrides])
+        return resolve(cfg, cfg.data.vocab_size)
+
+    line = fsdp_refusal(res("model=micro_s"), 2)
+    assert "train.parallel=fsdp on a" in line and "use train.parallel=ddp" in line
+    assert "\n" not in line
+    assert fsdp_refusal(res("model=micro_s"), 1) == ""  # one rank: nothing is sharded
+    assert fsdp_refusal(res("model=minicpm_0p1b"), 8) == ""
+    assert fsdp_refusal(res("model=micro_s", "train.parallel=ddp"), 2) == ""

@@ -63,8 +63,23 @@ def pick_device(name: str, world: World | None = None) -> torch.device:
     return dev
 
 
-MIN_FSDP_PARAMS = 1_000_000
-"""Below this many parameters per rank, sharding saves less memory than it costs in traffic."""
+MIN_FSDP_PARAMS = 10_000_000
+"""Below this many parameters (all of them: FSDP shards the embedding too), sharding saves a few
+MiB per rank and costs an all-gather of every block, twice a step: use DDP."""
+
+
+def fsdp_refusal(res: Resolved, world_size: int) -> str:
+    """Why FSDP is not worth it for this run ('' when it is, or when it is not asked for)."""
+    total = res.non_embedding_params + res.embedding_params
+    if world_size < 2 or res.cfg.train.parallel != "fsdp" or total >= MIN_FSDP_PARAMS:
+        return ""
+    return (
+        f"train.parallel=fsdp on a {total / 1e6:.2f}M-parameter model: sharding saves "
+        f"{16 * total * (1 - 1 / world_size) / 2**20:.0f} MiB per rank and costs an all-gather "
+        f"of every block twice a step; use train.parallel=ddp (FSDP pays from ~"
+        f"{MIN_FSDP_PARAMS / 1e6:.0f}M parameters, or when `windtunnel train --dry-run` says "
+        "ddp does not fit)"
+    )
 
 
 def schedule_for(res: Resolved, point_index: int) -> Schedule:

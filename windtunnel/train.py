@@ -36,7 +36,15 @@ from typing import Any
 from windtunnel import checkpoint
 from windtunnel.config import Resolved, RunConfig, resolve, to_dict
 from windtunnel.distributed import World, process_group, world_from_env
-from windtunnel.engine import Diverged, Engine, Preempted, Pruned, pick_device, schedule_for
+from windtunnel.engine import (
+    Diverged,
+    Engine,
+    Preempted,
+    Pruned,
+    fsdp_refusal,
+    pick_device,
+    schedule_for,
+)
 from windtunnel.files import atomic_write, lock
 
 LN2 = math.log(2.0)
@@ -282,6 +290,7 @@ class Trainer:
             return sampler.batch(step, rows=slice(start + mine.start, start + mine.stop))
 
         check_memory(self.res, world)
+        check_fsdp(self.res, world)
         self.engine = Engine.build(self.res, sample, world)
         self.val = {
             d.name: val_batches(
@@ -579,6 +588,18 @@ def check_memory(res: Resolved, world: World) -> None:
     est = estimate(res, gpu=gpu, world_size=world.size, margin=1.0)
     if not est.fits:
         raise ValueError(f"refused before training: {est.refusal()}")
+
+
+def check_fsdp(res: Resolved, world: World) -> None:
+    """FSDP on a model too small to shard usefully: refused on GPUs; on CPU (gloo, where tests
+    shard micro proxies to check the mechanics) one warning line from rank 0."""
+    refusal = fsdp_refusal(res, world.size)
+    if not refusal:
+        return
+    if pick_device(res.cfg.train.device, world).type == "cuda":
+        raise ValueError(refusal)
+    if world.main:
+        print(f"warning: {refusal}", file=sys.stderr)
 
 
 def check_world(cfg: RunConfig, world: World) -> int:

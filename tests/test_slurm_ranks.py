@@ -112,8 +112,9 @@ def test_nproc_per_node_on_each_launcher():
 
 
 def test_torchrun_variables_from_slurms(monkeypatch):
-    for key in TORCHRUN:
-        monkeypatch.delenv(key, raising=False)
+    for key in TORCHRUN:  # recorded by monkeypatch (set, then deleted): restored after the
+        monkeypatch.setenv(key, "")  # test even though export_rank_env sets them in os.environ
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert export_rank_env() == {} and "RANK" not in os.environ  # one task: nothing
     slurm = {

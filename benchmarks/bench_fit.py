@@ -125,6 +125,7 @@ def fit_memory(N, D, L) -> float:
 def sweep(sizes: list[int], repeats: int) -> None:
     """Fit time and memory vs number of points: per-point cost should stay flat (linear)."""
     rows = []
+    fit_points(*ladder_points(sizes[0])[1:])  # warm-up: imports, caches
     for n in sizes:
         _, N, D, L = ladder_points(n)
         times = []

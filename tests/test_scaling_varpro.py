@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from windtunnel.scaling import DataModelLaw, fit_points
+from windtunnel.scaling import DataModelLaw, InputError, fit_points
 from windtunnel.scaling.fit import (
     DEFAULT_GRID,
     FAST_GRID,
@@ -100,7 +100,7 @@ def test_grid_stage_memory_is_bounded_whatever_the_number_of_points():
         profile_grid(prob.logN, prob.logD, prob.L, prob.w, 1e-3, *DEFAULT_GRID)
     grid_peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    # per-exponent powers (2 × 38 × n floats = 12 MB) + a few 4 MiB blocks
+    # per-exponent powers (2 × 38 × n floats = 12 MB) + a few 2 MiB blocks
     assert grid_peak < 40, f"grid stage peak {grid_peak:.0f} MB"
     tracemalloc.start()
     fit = fit_points(N, D, L)
@@ -127,3 +127,16 @@ def test_group_close_chains_sorted_values():
     # 1.0014 is within 1e-3 of 1.0009 (chained), 2.0 twice, 3.0 alone
     assert _group_close(x, 1e-3).tolist() == [0, 0, 0, 1, 0, 1, 2]
     assert _group_close(np.log(np.repeat([5.0, 1.0, 3.0], 2)), 1e-3).tolist() == [2, 2, 0, 0, 1, 1]
+
+
+def test_a_cell_mask_must_fit_the_grid():
+    N, D, L = _ladder(400)
+    with pytest.raises(InputError, match="mask"):
+        fit_points(N, D, L, grid="fast", cells=np.zeros((14, 14), dtype=bool))
+    with pytest.raises(InputError, match="mask"):
+        fit_points(N, D, L, grid="fast", cells=np.ones((38, 38), dtype=bool))
+    one = np.zeros((14, 14), dtype=bool)
+    one[4, 3] = True  # α ≈ 0.47, β ≈ 0.36: far from the truth, polished to it all the same
+    fit = fit_points(N, D, L, grid="fast", cells=one)
+    assert fit.n_starts == 1
+    assert fit.alpha == pytest.approx(TRUTH.alpha, rel=0.02)

@@ -303,6 +303,11 @@ def fit_points(
     if reduction == "mean":
         prob.w = prob.w / prob.w.sum()
     alphas, betas = _grid(grid)
+    if cells is not None and (np.shape(cells) != (len(alphas), len(betas)) or not np.any(cells)):
+        raise InputError(
+            f"cells must be a boolean {len(alphas)}×{len(betas)} mask of the grid with at least "
+            f"one cell, not shape {np.shape(cells)} with {int(np.sum(cells))} set"
+        )
     floor = 1e-12 * float(loss.min())
 
     with single_threaded_blas():  # many small products: threads only add overhead

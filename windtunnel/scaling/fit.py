@@ -9,7 +9,8 @@ Optimizer (global, then local):
 1. **Variable projection on a grid of exponents.** For every ``(α, β)`` of a grid the law is
    linear in ``(E, A, B)``; those come from non-negative least squares on relative residuals,
    re-weighted a few times (IRLS) towards the Huber objective. The 3-column NNLS is solved exactly
-   and vectorized over the grid by enumerating the active sets.
+   and vectorized over the grid by enumerating the active sets (:mod:`.varpro`: time linear in
+   the number of points, memory bounded whatever their number).
 2. **Polish** the best grid points (the best of each basin) with L-BFGS-B on the exact Huber
    objective with its analytic gradient, restarted until it stops improving.
 
@@ -22,7 +23,6 @@ began, or with a large gradient, raises :class:`ConvergenceError`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -34,6 +34,7 @@ import numpy as np
 from windtunnel.scaling.errors import ConvergenceError, InputError
 from windtunnel.scaling.laws import FORMS, DataModelLaw, huber, lse_log_loss
 from windtunnel.scaling.validate import MIN_POINTS, validate_points
+from windtunnel.scaling.varpro import basin_minima, profile_grid
 
 __all__ = ["MIN_POINTS", "DataModelFit", "fit_data_model", "fit_points", "validate_points"]
 
@@ -42,8 +43,6 @@ FAST_GRID = (np.linspace(0.02, 1.5, 14), np.linspace(0.02, 1.5, 14))
 
 LAZY_MARGIN = 0.05
 """Grid starts worse than the best polished value by more than this share are skipped (lazy)."""
-
-_SUBSETS = [s for k in (1, 2, 3) for s in itertools.combinations(range(3), k)]
 
 
 @dataclass(frozen=True)
@@ -176,68 +175,10 @@ class _Problem:
         return f, grad
 
 
-def _nnls3(M: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Exact NNLS for G problems with 3 unknowns, from Gram matrices ``M`` (G,3,3) and ``v``."""
-    G = M.shape[0]
-    best = np.zeros((G, 3))
-    best_gain = np.full(G, -np.inf)
-    ridge = 1e-12 * np.trace(M, axis1=1, axis2=2)
-    for S in _SUBSETS:
-        idx = np.array(S)
-        Ms = M[:, idx][:, :, idx] + ridge[:, None, None] * np.eye(len(S))
-        c = np.linalg.solve(Ms, v[:, idx, None])[:, :, 0]
-        gain = np.einsum("gi,gi->g", c, v[:, idx])  # SSE = yᵀWy − gain at the LS solution
-        ok = np.all(c >= 0, axis=1) & (gain > best_gain)
-        if ok.any():
-            full = np.zeros((G, 3))
-            full[:, idx] = c
-            best[ok] = full[ok]
-            best_gain[ok] = gain[ok]
-    return best
-
-
-def _profile_grid(
-    prob: _Problem, alphas: np.ndarray, betas: np.ndarray, irls_iters: int = 3
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Variable projection: for each (α, β) the best non-negative (E, A, B) → objective."""
-    al, be = (x.ravel() for x in np.meshgrid(alphas, betas, indexing="ij"))
-    X1 = np.exp(-al[:, None] * prob.logN[None, :])
-    X2 = np.exp(-be[:, None] * prob.logD[None, :])
-    s1, s2 = X1.max(axis=1), X2.max(axis=1)
-    X = np.stack([np.ones_like(X1), X1 / s1[:, None], X2 / s2[:, None]], axis=-1)  # (G, n, 3)
-    base = prob.w / prob.L**2  # least squares on relative residuals ≈ log residuals
-    omega = np.broadcast_to(base, X1.shape)
-    for _ in range(irls_iters):
-        Xw = X * omega[:, :, None]
-        M = np.matmul(Xw.transpose(0, 2, 1), X)
-        v = np.matmul(Xw.transpose(0, 2, 1), prob.L[:, None])[:, :, 0]
-        c = _nnls3(M, v)
-        pred = np.matmul(X, c[:, :, None])[:, :, 0]
-        r = np.log(np.maximum(pred, 1e-300)) - prob.logL
-        omega = base * np.minimum(1.0, prob.delta / np.maximum(np.abs(r), 1e-300))
-    f = (prob.w * huber(r, prob.delta)).sum(axis=1)
-    coef = np.stack([c[:, 0], c[:, 1] / s1, c[:, 2] / s2], axis=1)  # E, A, B
-    return f, al, be, coef
-
-
 def _theta(E: float, A: float, B: float, alpha: float, beta: float, floor: float) -> np.ndarray:
     return np.array(
         [math.log(max(A, floor)), math.log(max(B, floor)), math.log(max(E, floor)), alpha, beta]
     )
-
-
-def _basin_minima(f: np.ndarray, shape: tuple[int, int], k: int) -> list[int]:
-    """Indices of the ``k`` best local minima of ``f`` on the exponent grid (8-neighbourhood)."""
-    F = f.reshape(shape)
-    P = np.pad(F, 1, constant_values=np.inf)
-    is_min = np.ones(shape, dtype=bool)
-    for di, dj in itertools.product((-1, 0, 1), repeat=2):
-        if di or dj:
-            is_min &= P[1 + di : 1 + di + shape[0], 1 + dj : 1 + dj + shape[1]] >= F
-    cand = np.flatnonzero(is_min.ravel())
-    cand = cand[np.argsort(f[cand])][:k]
-    best = int(np.argmin(f))
-    return [best, *[int(c) for c in cand if c != best]][:k]
 
 
 def _bounds(prob: _Problem) -> list[tuple[float, float]]:
@@ -332,6 +273,7 @@ def fit_points(
     target: str = "loss",
     check: bool = True,
     lazy: bool = False,
+    cells: np.ndarray | None = None,
 ) -> DataModelFit:
     """Fit ``L = E + A/N^α + B/D^β`` to arrays of N, D and loss.
 
@@ -343,7 +285,9 @@ def fit_points(
     non-zero gradient raises :class:`ConvergenceError`. ``lazy`` (used by the bootstrap, with
     the full-data optimum in ``x0``) polishes the user starts first and skips grid starts that
     lie within 1.5 grid steps of the best optimum found (same basin) or whose
-    variable-projection objective is more than ``LAZY_MARGIN`` above it.
+    variable-projection objective is more than ``LAZY_MARGIN`` above it. ``cells`` (a boolean
+    ``(len(alphas), len(betas))`` mask, e.g. from :func:`candidate_cells`) restricts the grid
+    search to those exponents.
     """
     t_start = time.perf_counter()
     if form not in FORMS:
@@ -358,15 +302,20 @@ def fit_points(
     prob = _Problem(N, D, loss, weights, delta)
     if reduction == "mean":
         prob.w = prob.w / prob.w.sum()
-    if isinstance(grid, str):
-        if grid not in ("default", "fast"):
-            raise InputError(f"grid must be 'default', 'fast' or (alphas, betas), not {grid!r}")
-        grid = DEFAULT_GRID if grid == "default" else FAST_GRID
-    alphas, betas = (np.asarray(g, dtype=float) for g in grid)
+    alphas, betas = _grid(grid)
+    if cells is not None and (np.shape(cells) != (len(alphas), len(betas)) or not np.any(cells)):
+        raise InputError(
+            f"cells must be a boolean {len(alphas)}×{len(betas)} mask of the grid with at least "
+            f"one cell, not shape {np.shape(cells)} with {int(np.sum(cells))} set"
+        )
     floor = 1e-12 * float(loss.min())
 
-    f_grid, al, be, coef = _profile_grid(prob, alphas, betas)
-    picks = _basin_minima(f_grid, (len(alphas), len(betas)), n_polish)
+    with single_threaded_blas():  # many small products: threads only add overhead
+        f_grid, al, be, coef = profile_grid(
+            prob.logN, prob.logD, prob.L, prob.w, delta, alphas, betas, cells=cells
+        )
+    picks = basin_minima(f_grid, (len(alphas), len(betas)), n_polish)
+    picks = [i for i in picks if np.isfinite(f_grid[i])] or picks[:1]
     starts = [_theta(coef[i, 0], coef[i, 1], coef[i, 2], al[i], be[i], floor) for i in picks]
     for law in x0 or []:
         starts.append(prob.centred(_theta(law.E, law.A, law.B, law.alpha, law.beta, floor)))
@@ -432,13 +381,48 @@ def fit_points(
         rms_log_residual=float(np.sqrt(np.mean(r * r))),
         max_abs_log_residual=float(np.max(np.abs(r))),
         grad_norm=gnorm,
-        n_starts=len(f_grid) + len(x0 or []),
+        n_starts=(len(f_grid) if cells is None else int(np.isfinite(f_grid).sum())) + len(x0 or []),
         n_polished=len(results),
         n_reached_best=n_best,
         seconds=time.perf_counter() - t_start,
         warnings=tuple(warnings),
         residuals=r,
     )
+
+
+def _grid(grid: tuple[np.ndarray, np.ndarray] | str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(grid, str):
+        if grid not in ("default", "fast"):
+            raise InputError(f"grid must be 'default', 'fast' or (alphas, betas), not {grid!r}")
+        grid = DEFAULT_GRID if grid == "default" else FAST_GRID
+    alphas, betas = (np.asarray(g, dtype=float) for g in grid)
+    return alphas, betas
+
+
+def candidate_cells(
+    N: Any,
+    D: Any,
+    loss: Any,
+    *,
+    margin: float,
+    grid: tuple[np.ndarray, np.ndarray] | str = "fast",
+    delta: float = 1e-3,
+) -> np.ndarray:
+    """Cells of the exponent grid whose variable-projection objective on these points is within
+    ``margin`` (relative) of the grid's best, as a boolean ``(len(alphas), len(betas))`` mask.
+
+    The bootstrap computes it once on the full data and refits search only those cells: a cell
+    far worse than the best on the full data does not become the best of a resample (see
+    :data:`windtunnel.scaling.bootstrap.REFIT_MARGIN`)."""
+    alphas, betas = _grid(grid)
+    N, D, loss = (np.asarray(x, dtype=float).ravel() for x in (N, D, loss))
+    prob = _Problem(N, D, loss, None, delta)
+    with single_threaded_blas():
+        f = profile_grid(prob.logN, prob.logD, prob.L, prob.w / len(loss), delta, alphas, betas)[0]
+    keep: np.ndarray = f <= (1.0 + margin) * np.nanmin(f)
+    if not keep.any():  # no finite value: search everywhere
+        keep[:] = True
+    return keep.reshape(len(alphas), len(betas))
 
 
 def fit_data_model(

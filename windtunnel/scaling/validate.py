@@ -19,12 +19,9 @@ MIN_POINTS = 6
 def _group_close(logx: np.ndarray, rtol: float) -> np.ndarray:
     """Labels grouping values whose logs differ by less than ``rtol`` (sorted chaining)."""
     order = np.argsort(logx)
+    breaks = np.diff(logx[order]) > rtol
     labels = np.empty(len(logx), dtype=int)
-    g = 0
-    for i, j in enumerate(order):
-        if i and logx[j] - logx[order[i - 1]] > rtol:
-            g += 1
-        labels[j] = g
+    labels[order] = np.concatenate([[0], np.cumsum(breaks)])
     return labels
 
 
@@ -72,7 +69,7 @@ def validate_points(
             f"β is not identifiable: all points have the same D ({D[0]:.4g}); "
             "train each size to at least two (better ≥3) token counts"
         )
-    d_per_n = np.array([len(np.unique(gD[gN == g])) for g in range(gN.max() + 1)])
+    d_per_n = np.bincount(np.unique(np.stack([gN, gD]), axis=1)[0])  # distinct D per N
     if d_per_n.max() == 1:
         lN, lD = np.log(N), np.log(D)
         deg = min(2, gN.max())

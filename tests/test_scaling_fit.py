@@ -191,7 +191,7 @@ def test_backtest_reports_error_and_extrapolation():
     assert len(bt.table) == 4 and bt.mode == "largest"
     assert bt.max_abs_error < 0.02
     assert (bt.table["extrapolation"] > 1).any()
-    each = backtest(df, mode="each")
+    each = backtest(df, mode="each", n_boot=10)
     assert len(each.table) == len(df)
     with pytest.raises(TooFewPointsError, match="≥3 model sizes"):
         backtest(df[df.N < 5e7])

@@ -97,6 +97,26 @@ def _fit_parser() -> argparse.ArgumentParser:
         metavar="FLOPS",
         help="budget(s) for N_opt, D_opt, D/N (repeatable; default 1e21)",
     )
+    bt = p.add_argument_group(
+        "back-test (fit small sizes, predict larger ones, with prediction intervals and coverage)"
+    )
+    bt.add_argument(
+        "--backtest",
+        choices=("rollout", "largest", "each"),
+        default=None,
+        help="rollout: fit the k smallest sizes, predict every larger one, for every k ≥ 3; "
+        "largest: hold out the largest size; each: leave each size out. Prints every held-out "
+        "point with its interval and the coverage (without this option: largest, summary only)",
+    )
+    bt.add_argument(
+        "--backtest-boot", type=int, default=None, metavar="N", help="bootstrap refits per fold "
+        "(default 50; 0: intervals from residual and seed noise only)"
+    )  # fmt: skip
+    bt.add_argument("--backtest-level", type=float, default=0.9, help="interval mass (default 0.9)")
+    bt.add_argument(
+        "--backtest-folds", type=int, default=None, metavar="K",
+        help="at most K rollout folds on long ladders (k spread evenly; default: every k)",
+    )  # fmt: skip
     bs = p.add_argument_group("batch-size law (MiniCPM's iso-loss method; stored for the planner)")
     bs.add_argument(
         "--batch-curves",
@@ -175,13 +195,22 @@ def fit_main(argv: list[str]) -> int:
             delta=args.delta,
             reduction=args.reduction,
             source=str(args.input),
+            backtest_mode=args.backtest or "largest",
+            backtest_boot=args.backtest_boot,
+            backtest_level=args.backtest_level,
+            backtest_max_folds=args.backtest_folds,
         )
+        bt_dict = fit_file["diagnostics"].get("backtest", {})
+        if args.backtest and "skipped" in bt_dict:
+            raise ScalingError(f"--backtest {args.backtest}: {bt_dict['skipped']}")
         bs_law = None
         if args.batch_curves:
             bs_law = _batch_law(args)
             fit_file["batch_size_law"] = bs_law.to_dict()
         paths: list[Path] = []
         summary = json_summary(fit_file)
+        if args.backtest:
+            summary["backtest"] = bt_dict
         if bs_law is not None:
             summary["batch_size_law"] = bs_law.to_dict()
         if args.out is not None:
@@ -201,11 +230,55 @@ def fit_main(argv: list[str]) -> int:
     if args.out is not None:
         summary["out"] = str(args.out)
         summary["files"] = [str(p) for p in paths]
+    if args.backtest:
+        _print_backtest(bt_dict)
     if not args.json:
         _print_human(summary, budgets)
     else:
         print(json.dumps(summary))
     return 0
+
+
+def _print_backtest(bt: Mapping[str, Any]) -> None:
+    """The back-test's held-out points, one line each, then the summary by extrapolation."""
+    level = bt["level"]
+    inside = f"in {level:.0%}?"
+    print(
+        f"back-test ({bt['mode']}): {len(bt['points'])} held-out points, {level:.0%} prediction "
+        f"intervals (bootstrap {bt['n_boot']} refits/fold + residual + seed noise)"
+    )
+    head = (
+        f"{'k':>3} {'held-out N':>10} {'D':>9} {'observed':>9} {'predicted':>9} "
+        f"{'interval':>19} {'rel.err':>8} {'extrap×':>8} {inside:>7}  flags"
+    )
+    print(head)
+    for p in bt["points"]:
+        iv = f"[{p['lo']:.4g}, {p['hi']:.4g}]"
+        print(
+            f"{p['k']:>3} {p['held_N']:>10.3g} {p['D']:>9.3g} {p['observed']:>9.4f} "
+            f"{p['predicted']:>9.4f} {iv:>19} {100 * p['rel_error']:>+7.2f}% "
+            f"{p['extrapolation']:>8.3g} {'yes' if p['inside'] else 'NO':>7}  {p.get('flags') or ''}"
+        )
+    s = bt["summary"]
+    print(f"{'extrapolation':>14} {'points':>6} {'mean|err|':>9} {'max|err|':>9} {'coverage':>9}")
+    rows = [(b["range"], b) for b in s["buckets"]]
+    rows += [("≥2× (all)", s["at_least"]["2×"]), ("all", s["all"])]
+    for name, b in rows:
+        if not b.get("n"):
+            continue
+        print(
+            f"{name:>14} {b['n']:>6} {100 * b['mean_abs_rel_error']:>8.2f}% "
+            f"{100 * b['max_abs_rel_error']:>8.2f}% {100 * b['coverage']:>8.1f}%"
+        )
+    a = s["all"]
+    print(
+        f"  coverage {a['coverage']:.1%} of {a['n']} points inside their {level:.0%} interval "
+        f"(nominal {level:.0%}); {s['n_folds']} fold(s)"
+    )
+    for w in s["flags"]:
+        print(f"  flag: {w}")
+    for w in s["skipped"]:
+        print(f"  skipped fold: {w}")
 
 
 # -- MLflow input: the one place scaling reaches into windtunnel.tracking (imported lazily) ------
@@ -290,6 +363,12 @@ def _print_human(s: Mapping[str, Any], budgets: Iterable[float]) -> None:
         )
     for w in s.get("warnings", []):
         print(f"  warning: {w}")
+    bt = s.get("diagnostics", {}).get("backtest", {})
+    if "coverage" in bt:
+        print(
+            f"  back-test ({bt['mode']}): max |error| {bt['max_abs_rel_error']:.2%}, "
+            f"{bt['level']:.0%} coverage {bt['coverage']:.0%}"
+        )
     if "out" in s:
         print(f"wrote {s['out']}/fit.json and plots")
 

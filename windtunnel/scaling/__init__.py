@@ -40,6 +40,11 @@ _EXPORTS = {
     "bootstrap_points": "bootstrap",
     "load_table": "table",
     "backtest": "backtest",
+    "BacktestResult": "backtest",
+    "NoiseModel": "intervals",
+    "PredictionInterval": "intervals",
+    "prediction_interval": "intervals",
+    "fit_file_interval": "intervals",
     "analyze": "analyze",
     "make_plan": "plan",
 }

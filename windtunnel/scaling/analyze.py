@@ -48,8 +48,22 @@ def analyze(
     delta: float = 1e-3,
     reduction: str = "mean",
     source: str = "",
+    backtest_mode: str = "largest",
+    backtest_boot: int | None = None,
+    backtest_level: float = 0.9,
+    backtest_max_folds: int | None = None,
 ) -> tuple[dict[str, Any], DataModelFit, Any, dict[str, Any]]:
-    """Fit + bootstrap + allocation + diagnostics → (fit-file dict, fit, bootstrap, extras)."""
+    """Fit + bootstrap + allocation + diagnostics → (fit-file dict, fit, bootstrap, extras).
+
+    The back-test (``backtest_mode``: ``largest``, ``rollout`` or ``each``; ``backtest_boot``
+    refits per fold, default :data:`~windtunnel.scaling.backtest.DEFAULT_BOOT`) goes into the
+    diagnostics and, as a :class:`~windtunnel.scaling.backtest.BacktestResult`, into
+    ``extras["backtest"]``. The fit file's ``noise`` section (the fit's residuals and the seed
+    noise of repeated points) is what :func:`windtunnel.scaling.intervals.fit_file_interval`
+    needs for a prediction interval of one new run."""
+    from windtunnel.scaling.backtest import DEFAULT_BOOT, backtest
+    from windtunnel.scaling.intervals import NoiseModel
+
     fit = fit_data_model(df, target=target, form=form, delta=delta, reduction=reduction)
     boot = None
     if n_boot > 0:
@@ -76,10 +90,19 @@ def analyze(
             diagnostics["isoflop"] = {k: v for k, v in extras["isoflop"].to_dict().items()}
         except ScalingError as e:
             diagnostics["isoflop"] = {"skipped": str(e)}
-    from windtunnel.scaling.backtest import backtest
-
     try:
-        diagnostics["backtest"] = backtest(df, target=target, delta=delta).to_dict()
+        bt = backtest(
+            df,
+            target=target,
+            mode=backtest_mode,
+            n_boot=DEFAULT_BOOT if backtest_boot is None else backtest_boot,
+            level=backtest_level,
+            seed=seed,
+            max_folds=backtest_max_folds,
+            delta=delta,
+        )
+        extras["backtest"] = bt
+        diagnostics["backtest"] = bt.to_dict()
     except ScalingError as e:
         diagnostics["backtest"] = {"skipped": str(e)}
     if {"width", "lr"} <= set(df.columns) and df["width"].nunique() > 1 and df["lr"].nunique() > 2:
@@ -105,6 +128,7 @@ def analyze(
         "fit": summary,
         "bootstrap": boot.to_dict() if boot is not None else None,
         "diagnostics": diagnostics,
+        "noise": NoiseModel.from_fit(fit, df, target=target).to_dict(),
         "batch_size_law": None,
         "data_range": data_range(df),
         "lr": float(df["lr"].median()) if "lr" in df.columns and df["lr"].notna().any() else None,
@@ -132,7 +156,7 @@ def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:
     boot = fit_file.get("bootstrap") or {}
     out["bootstrap"] = {k: boot.get(k) for k in ("seed", "n_boot", "n_failed", "level")}
     out["diagnostics"] = {
-        k: {kk: vv for kk, vv in v.items() if kk not in ("profiles", "table", "points")}
+        k: {kk: vv for kk, vv in v.items() if kk not in ("profiles", "table", "points", "folds")}
         for k, v in fit_file.get("diagnostics", {}).items()
     }
     return out
@@ -157,6 +181,10 @@ def write_outputs(
         paths.append(plots.isoflop_curves(df, extras["isoflop"], out, target=target))
     if "mutransfer" in extras:
         paths.append(plots.lr_sweeps(df, extras["mutransfer"], out, target=target))
+    if "backtest" in extras:
+        paths.append(out / "backtest.csv")
+        extras["backtest"].table.to_csv(paths[-1], index=False)
+        paths.append(plots.backtest_intervals(extras["backtest"], out, target=target))
     if boot is not None:
         budgets = fit_file["bootstrap"].get("budgets") or [1e21]
         paths.append(plots.bootstrap_distributions(boot, out, budget=budgets[0]))

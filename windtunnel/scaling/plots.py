@@ -133,3 +133,41 @@ def bootstrap_distributions(boot: Any, out: Path, *, budget: float = 1e21) -> Pa
         ax.axvline(hi, color="k", ls="--", lw=1)
     fig.suptitle(f"bootstrap ({len(boot.samples)} refits, seed {boot.seed}, {boot.level:.0%})")
     return _save(fig, out, "bootstrap.png")
+
+
+def backtest_intervals(bt: Any, out: Path, *, target: str = "loss") -> Path:
+    """Back-test points: predicted vs observed with their intervals, and the relative error
+    against the compute extrapolation factor (hollow markers: observed outside the interval)."""
+    plt = _plt()
+    t = bt.table
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    ext = np.log10(t["extrapolation"].clip(lower=1e-3))
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(float(ext.min()), max(float(ext.max()), float(ext.min()) + 1e-9))
+    yerr = np.vstack([t["predicted"] - t["lo"], t["hi"] - t["predicted"]])
+    obs = t["observed"].to_numpy(float)
+    rel = 100 * (t[["lo", "hi"]].to_numpy(float) / obs[:, None] - 1)
+    err = 100 * t["rel_error"].to_numpy(float)
+    for i in range(len(t)):
+        c = cmap(norm(ext.iloc[i]))
+        face = c if bool(t["inside"].iloc[i]) else "none"
+        a1.errorbar(obs[i], t["predicted"].iloc[i], yerr=yerr[:, i : i + 1], fmt="o", ms=4,
+                    color=c, mfc=face, elinewidth=0.8, capsize=2)  # fmt: skip
+        a2.errorbar(t["extrapolation"].iloc[i], err[i],
+                    yerr=[[err[i] - rel[i, 0]], [rel[i, 1] - err[i]]], fmt="o", ms=4, color=c,
+                    mfc=face, elinewidth=0.8, capsize=2)  # fmt: skip
+    lo, hi = float(min(obs.min(), t["lo"].min())), float(max(obs.max(), t["hi"].max()))
+    a1.plot([lo, hi], [lo, hi], "k--", lw=1)
+    a1.set(xlabel=f"observed {target}", ylabel=f"predicted {target}",
+           title=f"held-out points, {bt.level:.0%} intervals")  # fmt: skip
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+    fig.colorbar(sm, ax=a1, label="log10 extrapolation (C / largest fitted C)")
+    a2.axhline(0, color="k", lw=1)
+    a2.axvline(1, color="grey", lw=0.5, ls=":")
+    a2.set(xscale="log", xlabel="compute extrapolation ×", ylabel="predicted / observed − 1 (%)")
+    a2.set_title(
+        f"{bt.mode}: coverage {bt.coverage:.0%} ({int(t['inside'].sum())}/{len(t)}), "
+        f"max |error| {bt.max_abs_error:.2%}",
+        fontsize=10,
+    )
+    return _save(fig, out, "backtest.png")

@@ -61,8 +61,9 @@ class Backtest(PureStage[BacktestResult]):
 
         t = ctx.tf.tunnel
         res = backtest(ladder.points(ctx), target=t.fit.target, mode="largest", form=t.fit.form)
+        d = res.to_dict()
         return BacktestResult(
-            **res.to_dict(),
+            **{k: d[k] for k in ("max_abs_rel_error", "mean_abs_rel_error", "mode", "points")},
             target_error=self.settings(ctx.tf).target_error,
             min_extrapolation=float(res.table["extrapolation"].min()),
             plots=[str(plots.backtest(res.table, ctx.plots(), t.fit.target))],

@@ -57,7 +57,8 @@ class Fit(PureStage[FitResult]):
         return FitResult(
             fit_file=str(paths[0]),
             summary=json_summary(fit_file),
-            plots=[str(x) for x in paths if x.suffix == ".png"],
+            # the back-test has its own stage and section (and plot)
+            plots=[str(x) for x in paths if x.suffix == ".png" and x.name != "backtest.png"],
         )
 
     def headline(self, r: FitResult) -> str:

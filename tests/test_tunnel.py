@@ -20,6 +20,7 @@ from helpers import tiny_overrides
 
 from windtunnel.cli import main
 from windtunnel.tunnel import STAGES, dry_run, load_tunnel, run_tunnel, status
+from windtunnel.tunnel.render import size
 from windtunnel.tunnel.runner import load_state
 
 pytest_plugins = ["fixtures_mlflow"]
@@ -381,7 +382,7 @@ def test_report_of_the_real_tunnel(tunnel_run) -> None:
     assert f"```yaml\n{text.rstrip()}\n```" in sections["Planned full run"]
     assert f"<pre><code>{html.escape(text)}</code></pre>" in page
     D = plan["train"]["tokens"]
-    assert f"× {D / 1e9:.0f}B tokens" in headlines["plan"] and f"({D:,})" in md
+    assert f"× {size(D)} tokens" in headlines["plan"] and f"({D:,})" in md
     assert plan["model"]["name"] == "tiny_full" and plan["model"]["scale_emb"] == pytest.approx(
         float(overrides["model.scale_emb"])
     )

@@ -115,3 +115,21 @@ def test_inputs():
         ("lrs per width", True, "7"), ("lr spacing", True, "×2"), ("widths", False, "2"),
         ("width range", True, "×4"),
     ]  # fmt: skip
+
+
+def test_windtunnel_fit_reads_the_verdict_from_the_longest_runs():
+    """A fit table with lr sweeps at several D per width: only the largest D enters the check
+    (losses at other D are not seed noise)."""
+    from windtunnel.scaling import DataModelLaw
+    from windtunnel.scaling.analyze import analyze
+
+    law = DataModelLaw(E=1.6, A=350.0, B=900.0, alpha=0.32, beta=0.3)
+    rows = [
+        {"N": N, "D": N * m, "width": w, "lr": lr,
+         "loss": law.predict(N, N * m) * (1 + 0.01 * math.log2(lr / 0.01) ** 2)}
+        for w, N in ((16, 1e7), (32, 4e7), (64, 1.6e8))
+        for lr in FACTOR2[:5]
+        for m in (10, 20, 40)
+    ]  # fmt: skip
+    fit_file, *_ = analyze(pd.DataFrame(rows), n_boot=0)
+    assert fit_file["diagnostics"]["mutransfer"]["verdict"] == "stable"

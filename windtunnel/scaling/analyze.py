@@ -97,7 +97,10 @@ def analyze(
 
         try:
             extras["mutransfer"] = mutransfer_check(df, target=target)
-            extras["mutransfer_verdict"] = transfer_verdict(df, target=target)
+            # one token count per (width, lr): the longest run's points (seed repeats kept), so
+            # that losses at other D are not mistaken for seed noise
+            last = df[df["D"] == df.groupby(["width", "lr"])["D"].transform("max")]
+            extras["mutransfer_verdict"] = transfer_verdict(last, target=target)
             diagnostics["mutransfer"] = {
                 **extras["mutransfer"].to_dict(),
                 "verdict": extras["mutransfer_verdict"].verdict,

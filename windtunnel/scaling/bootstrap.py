@@ -44,16 +44,13 @@ class BootstrapResult:
         """Per-replicate N_opt, D_opt, D/N and loss at budget ``C`` (vectorized)."""
         E, A, B, al, be = self.samples.T
         s = al + be
-        G = (al * A / (be * B)) ** (1.0 / s)
-        x = C / k
-        N = G * x ** (be / s)
-        D = x / N
-        return {
-            "N_opt": N,
-            "D_opt": D,
-            "tokens_per_param": D / N,
-            "loss": E + A * N ** (-al) + B * D ** (-be),
-        }
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # in logs: a replicate with huge A, B and large exponents overflows otherwise
+            log_n = (np.log(al * A) - np.log(be * B)) / s + (be / s) * np.log(C / k)
+            log_d = np.log(C / k) - log_n
+            N, D = np.exp(log_n), np.exp(log_d)
+            loss = E + np.exp(np.log(A) - al * log_n) + np.exp(np.log(B) - be * log_d)
+        return {"N_opt": N, "D_opt": D, "tokens_per_param": np.exp(log_d - log_n), "loss": loss}
 
     def predict(self, N: float, D: float) -> np.ndarray:
         """Per-replicate predicted loss at (N, D)."""
@@ -62,8 +59,11 @@ class BootstrapResult:
         return loss
 
     def interval(self, values: np.ndarray) -> tuple[float, float]:
+        """Central interval of ``level``; replicates that are not finite (a law that overflows
+        at this point) count as beyond either end, so too many of them widen it to infinity."""
         q = (1.0 - self.level) / 2.0
-        lo, hi = np.quantile(values, [q, 1.0 - q])
+        v = np.where(np.isnan(values), np.inf, values)
+        lo, hi = np.quantile(v, [q, 1.0 - q])
         return float(lo), float(hi)
 
     def intervals(self) -> dict[str, Any]:

@@ -136,10 +136,17 @@ def bootstrap_distributions(boot: Any, out: Path, *, budget: float = 1e21) -> Pa
     ]
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, (name, v) in zip(axes.ravel(), panels):
-        ax.hist(v, bins=40, color="tab:blue", alpha=0.8)
+        finite = v[np.isfinite(v)]
+        if len(finite) < len(v):  # a replicate whose law diverges at this budget
+            name += f" ({len(v) - len(finite)} of {len(v)} not finite)"
+        ax.set_title(name, fontsize=9)
+        if not len(finite):
+            continue
+        ax.hist(finite, bins=40, color="tab:blue", alpha=0.8)
         lo, hi = boot.interval(v)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            continue
         ax.axvline(lo, color="k", ls="--", lw=1)
         ax.axvline(hi, color="k", ls="--", lw=1)
-        ax.set_title(name, fontsize=9)
     fig.suptitle(f"bootstrap ({len(boot.samples)} refits, seed {boot.seed}, {boot.level:.0%})")
     return _save(fig, out, "bootstrap.png")

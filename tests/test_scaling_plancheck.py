@@ -4,6 +4,7 @@ refuse; the fit file's ranges (version 2) and the upgrade of version-1 files."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -111,6 +112,8 @@ def test_wide_intervals_warn():
     assert check_intervals(1.0, (0.98, 1.02), (20.0, 200.0)) == []
     (w,) = check_intervals(0.866, (0.246, 1.504), None)
     assert w.code == "loss_interval" and "±73%" in w.message
+    ws = check_intervals(0.866, (0.246, math.inf), (math.nan, math.inf))  # overflowing laws
+    assert ["unbounded" in w.message for w in ws] == [True, True]
 
 
 def test_fit_file_without_ranges_or_bootstrap_says_so():

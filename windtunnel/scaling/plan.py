@@ -172,8 +172,13 @@ class Plan:
         return bool(refusals(self.warnings))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: an interval end that is not finite (the bootstrap's laws overflow there)
+        is None, i.e. unbounded."""
         d = asdict(self)
         d["shape"] = asdict(self.shape)
+        for k in ("loss_interval", "tokens_per_param_interval"):
+            if d[k] is not None:
+                d[k] = [float(x) if math.isfinite(x) else None for x in d[k]]
         return d
 
     def hydra_config(self) -> dict[str, Any]:

@@ -215,7 +215,8 @@ def check_intervals(
     out = []
     if tpp_interval is not None:
         lo, hi = (float(v) for v in tpp_interval)
-        span = math.inf if lo <= 0 or not math.isfinite(hi) else math.log10(hi / lo)
+        bounded = lo > 0 and math.isfinite(lo) and math.isfinite(hi)
+        span = math.log10(hi / lo) if bounded else math.inf
         if span > decades:
             out.append(
                 PlanWarning(
@@ -229,12 +230,13 @@ def check_intervals(
             )
     if loss_interval is not None and loss > 0:
         lo, hi = (float(v) for v in loss_interval)
-        if (hi - lo) / 2 > rel * loss:
+        half = (hi - lo) / 2 if math.isfinite(lo) and math.isfinite(hi) else math.inf
+        if half > rel * loss:
+            width = "unbounded" if math.isinf(half) else f"±{half / loss:.0%}"
             out.append(
                 PlanWarning(
                     "loss_interval",
-                    f"the predicted loss {_g(loss)} has the interval [{_g(lo)}, {_g(hi)}], "
-                    f"±{(hi - lo) / 2 / loss:.0%}",
+                    f"the predicted loss {_g(loss)} has the interval [{_g(lo)}, {_g(hi)}], {width}",
                     "read the prediction as a range; more points (sizes, seeds) narrow it",
                 )
             )

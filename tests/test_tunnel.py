@@ -370,7 +370,8 @@ def test_report_of_the_real_tunnel(tunnel_run) -> None:
     law = re.search(r"= (\S+) \+ (\S+)/N\^(\S+) \+ (\S+)/D\^(\S+);", headlines["fit"])
     assert law, headlines["fit"]
     for k, shown in zip(("E", "A", "B", "alpha", "beta"), law.group(1, 2, 4, 3, 5), strict=True):
-        assert float(shown) == pytest.approx(fit[k], rel=2e-3, abs=1e-3), k
+        # A and B are shown to 3 significant digits: up to 0.5% off (1.62e18 for 1.6159e18)
+        assert float(shown) == pytest.approx(fit[k], rel=5e-3, abs=1e-3), k
     assert "fitted to 8 points" in sections["Data–model law"]
 
     # the plan: its YAML file is named in the report, exists, and is shown in full

@@ -80,7 +80,8 @@ class PlanFullRun(PureStage[PlanResult]):
         ]
         if codes:
             s = "S" if len(codes) > 1 else ""
-            line += f" — {len(codes)} WARNING{s} ({', '.join(codes)})"
+            named = [c if codes.count(c) == 1 else f"{c} ×{codes.count(c)}" for c in codes]
+            line += f" — {len(codes)} WARNING{s} ({', '.join(dict.fromkeys(named))})"
         return line
 
     def metrics(self, r: PlanResult) -> dict[str, float]:

@@ -225,8 +225,9 @@ def width_optimum(
             f"spacing (×{spacing:.2g})"
         )
     return WidthOptimum(
-        width=float(width), lr_opt=lr_opt, loss_opt=loss_opt, lr_lo=lr_lo, lr_hi=lr_hi, n_lrs=len(x), spacing=spacing,
-        n_basin=len(xb), noise=float(noise), noise_from=src, issue=issue,
+        width=float(width), lr_opt=lr_opt, lr_lo=lr_lo, lr_hi=lr_hi, loss_opt=loss_opt,
+        n_lrs=len(x), spacing=spacing, n_basin=len(xb), noise=float(noise), noise_from=src,
+        issue=issue,
     )  # fmt: skip
 
 

@@ -361,7 +361,7 @@ def test_minicpm_config_of_a_plan_is_minicpms(tmp_path, capsys) -> None:
     law = DataModelLaw.from_minicpm(C_N=7.15e-2, C_D=3.00e-1, alpha=0.29, beta=0.23, L0=0.31)
     fit = {"kind": "windtunnel.scaling.fit", "version": 1, "fit": {**law.to_dict()}}
     mup = {"scale_emb": 12.0, "scale_depth": 1.4, "init_std": 0.1}
-    plan = make_plan(fit, params=2.44e9, tokens=1e12, mup=mup)
+    plan = make_plan(fit, params=2.44e9, tokens=1e12, mup=mup, batch_tokens=4e6)
     (tmp_path / "full.yaml").write_text(plan.to_yaml())
     argv = ["export", str(tmp_path / "full.yaml"), "--to", "minicpm-config", str(tmp_path / "cfg")]
     assert main(argv) == 0

@@ -106,3 +106,67 @@ def test_batch_size_law_goes_into_the_fit_file_and_the_plan(csv, tmp_path, capsy
     law = s["batch_size_law"]
     assert plan["batch_tokens"] == pytest.approx(law["k"] / plan["loss"] ** law["gamma"])
     assert not any("MiniCPM's law" in n for n in plan["notes"])
+
+
+def _micro_fit_file(tmp_path):
+    """A fit file whose points are a CPU micro ladder (what the demo's plan extrapolates from)."""
+    law = DataModelLaw.from_minicpm(C_N=7.15e-2, C_D=3.00e-1, alpha=0.29, beta=0.23, L0=0.31)
+    span = {"N": [6e3, 1.9e5], "D": [6e4, 7.6e6], "C": [2.2e9, 8.6e12],
+            "tokens_per_param": [10.0, 40.0]}  # fmt: skip
+    f = {"kind": "windtunnel.scaling.fit", "version": 2, "fit": {**law.to_dict(), "target": "loss"},
+         "data_range": span, "bootstrap": None,
+         "batch_size_law": {"k": 1e5, "gamma": 8.0, "loss_range": [2.1, 2.9]}}  # fmt: skip
+    p = tmp_path / "fit.json"
+    p.write_text(json.dumps(f))
+    return p
+
+
+def test_plan_prints_each_warning_as_one_line_on_stderr(tmp_path, capsys):
+    from windtunnel.cli import main
+
+    fit = _micro_fit_file(tmp_path)
+    assert main(["plan", "--fit", str(fit), "--budget-flops", "1e21", "--json"]) == 0
+    cap = capsys.readouterr()
+    plan = json.loads(cap.out.strip().splitlines()[-1])
+    lines = cap.err.strip().splitlines()
+    assert [w["code"] for w in plan["warnings"]] == [
+        "no_interval", "extrapolation", "tokens_per_param", "batch_law_range"
+    ]  # fmt: skip
+    assert lines == [f"WARNING: {w['message']}; {w['todo']}" for w in plan["warnings"]]
+    assert any("1.2e+08x the largest fitted" in x for x in lines)
+    # the YAML (no --json) carries the same warnings in its header
+    assert main(["plan", "--fit", str(fit), "--budget-flops", "1e21"]) == 0
+    cap = capsys.readouterr()
+    assert "# WARNING (extrapolation): compute 6ND" in cap.out
+    assert cap.err.count("WARNING: ") == 4
+
+
+def test_plan_with_too_few_steps_is_refused(tmp_path, capsys):
+    from windtunnel.cli import main
+
+    fit, out = _micro_fit_file(tmp_path), tmp_path / "full.yaml"
+    argv = ["plan", "--fit", str(fit), "--params", "1e8", "--tokens", "1e9"]
+    assert main([*argv, "--batch-tokens", "2e7", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("windtunnel plan: error: the plan has 49 optimizer steps")
+    assert "lower the batch (--batch-tokens" in err and not out.exists()
+    assert main([*argv, "--batch-tokens", "1e6", "--out", str(out)]) == 0  # what it says works
+    assert out.exists()
+
+
+def test_fit_errors_name_only_options_the_cli_has(csv, capsys):
+    """A fit that stops at its iteration cap says which `windtunnel fit` options help."""
+    import re
+
+    argv = ["--input", str(csv), "--n-col", "params", "--d-col", "tokens", "--loss-col", "val"]
+    assert fit_main([*argv, "--bootstrap", "0", "--maxiter", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "did not converge" in err and "--maxiter N raises the cap (now 1)" in err
+    assert "fix a parameter" not in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        fit_main(["--help"])
+    help_text = capsys.readouterr().out
+    named = set(re.findall(r"--[a-z][a-z-]*", err))
+    assert named and all(opt in help_text for opt in named), named
+    assert fit_main([*argv, "--bootstrap", "0", "--maxiter", "4000", "--json"]) == 0

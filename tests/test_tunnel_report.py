@@ -340,6 +340,8 @@ def test_report_has_every_section_and_number(full: tuple[Path, dict, dict]) -> N
         assert "1.1380" in text  # observed back-test value with its 4 decimals
         assert "H100-hours" in text and f"{state['stages']['plan']['result']['N']:,}" in text
         assert "9 points from 3 sizes" in text
+        assert "μTransfer stable: lr_opt ∝ width^" in text  # 5 lrs ×2 apart over 4× widths
+        assert "The design this verdict needs:" in text
     assert "# @package _global_" in md and "```yaml" in md
     assert "<pre><code># @package _global_" in page
     assert "CPU micro tunnel &lt;tiny&gt; &amp; fast" in page and "<tiny>" not in page
@@ -484,3 +486,73 @@ def test_state_is_versioned(tmp_path: Path, full: tuple[Path, dict, dict]) -> No
     bad["stages"]["fit"]["result"]["chi2"] = 1.0
     with pytest.raises(TunnelError, match="the fit result is not one this windtunnel reads"):
         check_results(bad, path)
+
+
+def _plan_state(tmp_path: Path, plan: Any) -> dict[str, Any]:
+    result = PlanResult(**vars(plan), config=str(tmp_path / "full_run.yaml"), yaml=plan.to_yaml())
+    done = {"status": "done", "key": "k", "seconds": 0.1, "result": dataclasses.asdict(result)}
+    return json.loads(json.dumps({"tunnel": {"name": "t"}, "stages": {"plan": done}}, default=str))
+
+
+MICRO_RANGE = {"N": [6e3, 1.9e5], "D": [6e4, 7.6e6], "C": [2.2e9, 8.6e12],
+               "tokens_per_param": [10.0, 40.0]}  # fmt: skip
+
+
+def test_plan_warnings_show_next_to_the_plan(tmp_path: Path) -> None:
+    """A plan 1e8x beyond its fit reads as flagged, in the summary and next to the plan."""
+    fit_file = {"fit": {**LAW.to_dict(), "target": "bpb"}, "data_range": MICRO_RANGE,
+                "batch_size_law": {"k": 1e5, "gamma": 8.0, "loss_range": [2.1, 2.9]}}  # fmt: skip
+    plan = make_plan(fit_file, budget_flops=1e21, name="t_full")
+    out = write_report(tmp_path / "t", _plan_state(tmp_path, plan))
+    md, page = out["markdown"].read_text(), out["html"].read_text()
+    head = re.search(r"^\| plan \| done \| [^|]+ \| (.+) \|$", md, re.M)
+    assert (
+        head
+        and "4 WARNINGS (no_interval, extrapolation, tokens_per_param, batch_law_range)"
+        in (head[1])
+    )
+    section = md[md.index("## Planned full run") : md.index("Experiment config")]
+    assert (
+        "- WARNING (extrapolation): compute 6ND = 1e+21 is 1.2e+08x the largest fitted" in section
+    )
+    assert "fit a ladder closer to this budget" in section  # what to do
+    assert "WARNING (batch_law_range)" in page and "# WARNING (extrapolation)" in md  # + YAML
+
+
+def test_refused_plan_is_reported_not_raised(tmp_path: Path) -> None:
+    fit_file = {"fit": {**LAW.to_dict(), "target": "bpb"}, "data_range": MICRO_RANGE}
+    plan = make_plan(fit_file, params=1e8, tokens=1e9, batch_tokens=2e7, refuse=False)
+    md = write_report(tmp_path / "t", _plan_state(tmp_path, plan))["markdown"].read_text()
+    assert "plan REFUSED (steps): 109M params × 1B tokens in 49 optimizer steps" in md
+    section = md[md.index("## Planned full run") :]
+    assert section.index("- REFUSED (steps): the plan has 49") < section.index("- WARNING")
+    assert "# @package _global_\n# REFUSED (steps)" in md
+
+
+def test_results_from_before_the_checks_still_load_and_say_more() -> None:
+    """state.json of an older windtunnel: no verdict in lr_transfer, no warnings in the plan."""
+    from windtunnel.tunnel.stages import lr_transfer, plan
+
+    bpb = {32: (3.2994, 2.9059, 3.3517), 48: (2.5429, 2.4196, 2.5607), 64: (2.218, 2.1464, 2.39)}
+    old_lr = {
+        "summary": None, "trials": [], "plots": [], "mup_lr": 0.01605,
+        "table": [{"model": f"m{w}", "width": w, "lr": lr, "bpb": y}
+                  for w, ys in bpb.items() for lr, y in zip((0.004013, 0.01605, 0.06421), ys)],
+        "check": {"slope": -0.452, "spread": 1.4, "stable": False, "table": []},
+    }  # fmt: skip
+    r = lr_transfer.STAGE.load(old_lr)
+    line = lr_transfer.STAGE.headline(r)
+    assert line.startswith("μTransfer: cannot tell at this resolution (lr_opt ∝ width^-0.45;")
+    assert "lrs per width 3 (need ≥ 5)" in line and "width range ×2 (need ≥ ×4)" in line
+    text = str(lr_transfer.STAGE.section(r, "μTransfer evidence"))
+    assert "The design this verdict needs:" in text and "'lr spacing', '×4', '≤ ×2', 'no'" in text
+    new = dataclasses.asdict(
+        make_plan({"fit": {**LAW.to_dict(), "target": "bpb"}}, params=1e9, batch_tokens=4e6)
+    )
+    old_plan = {k: v for k, v in new.items()
+                if k not in ("warnings", "steps", "tokens_per_param_interval")}  # fmt: skip
+    old_plan |= {"notes": ["WARNING: compute 6ND = 1e+21 is 1.2e+08x the largest fitted"],
+                 "config": "full_run.yaml", "yaml": ""}  # fmt: skip
+    p = plan.STAGE.load(old_plan)
+    assert p.warnings == [] and p.steps == 0
+    assert plan.STAGE.headline(p).endswith("— 1 WARNING (extrapolation)")

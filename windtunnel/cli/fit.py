@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from windtunnel.scaling.errors import InputError, ScalingError
+from windtunnel.scaling.errors import ConvergenceError, InputError, ScalingError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,6 +85,14 @@ def _fit_parser() -> argparse.ArgumentParser:
     )
     o = p.add_argument_group("fit and intervals")
     o.add_argument("--delta", type=float, default=1e-3, help="Huber δ on log residuals")
+    o.add_argument(
+        "--maxiter",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="iteration cap of each local search of the fit (default 2000; raise it when the "
+        "fit stops before converging)",
+    )
     o.add_argument("--reduction", choices=("mean", "sum"), default="mean", help=argparse.SUPPRESS)
     o.add_argument("--bootstrap", type=int, default=200, metavar="N", help="refits (0: none)")
     o.add_argument("--seed", type=int, default=0, help="bootstrap seed (recorded)")
@@ -199,6 +207,7 @@ def fit_main(argv: list[str]) -> int:
             backtest_boot=args.backtest_boot,
             backtest_level=args.backtest_level,
             backtest_max_folds=args.backtest_folds,
+            maxiter=args.maxiter,
         )
         bt_dict = fit_file["diagnostics"].get("backtest", {})
         if args.backtest and "skipped" in bt_dict:
@@ -223,6 +232,12 @@ def fit_main(argv: list[str]) -> int:
                 summary["mlflow_run_id"] = _mlflow_log_fit(
                     args.input, paths, summary, args.tracking_uri
                 )
+    except ConvergenceError as e:
+        return _err(
+            f"{e}. With `windtunnel fit`: --maxiter N raises the cap (now {args.maxiter}); "
+            "--drop-highest K or --query '...' drops outlying points; --delta sets the Huber "
+            "threshold"
+        )
     except ScalingError as e:
         return _err(str(e))
     except OSError as e:
@@ -402,6 +417,13 @@ def _plan_parser() -> argparse.ArgumentParser:
         metavar="K,GAMMA",
         help="batch-size law bs = K / L^GAMMA in tokens (default: fit file, else MiniCPM's)",
     )
+    p.add_argument(
+        "--batch-tokens",
+        type=float,
+        default=None,
+        metavar="TOKENS",
+        help="batch size in tokens per step (instead of the batch-size law)",
+    )
     p.add_argument("--name", default=None, help="model name in the config")
     p.add_argument("--out", type=Path, default=None, help="write the experiment YAML here")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -435,6 +457,7 @@ def plan_main(argv: list[str]) -> int:
             vocab_size=args.vocab_size,
             lr=args.lr,
             batch_law=bl,
+            batch_tokens=args.batch_tokens,
             name=args.name,
         )
         text = plan.to_yaml()
@@ -448,6 +471,8 @@ def plan_main(argv: list[str]) -> int:
     except OSError as e:
         print(f"windtunnel plan: error: {e}", file=sys.stderr)
         return 2
+    for w in plan.warnings:  # one line each, on stderr: seen next to the YAML or the JSON
+        print(f"WARNING: {w.line()}", file=sys.stderr)
     if args.json:
         d = plan.to_dict()
         if args.out is not None:

@@ -20,6 +20,9 @@ from windtunnel.scaling.errors import ScalingError
 from windtunnel.scaling.fit import DataModelFit, fit_data_model
 
 FIT_FILE_KIND = "windtunnel.scaling.fit"
+FIT_FILE_VERSION = 2
+"""2: ``data_range`` records the fitted N, D, compute, tokens per parameter and target ranges,
+and a batch-size law its ``loss_range`` (what the planner's checks read); 1 had N, D, C only."""
 
 
 def _jsonable(x: Any) -> Any:
@@ -52,6 +55,7 @@ def analyze(
     backtest_boot: int | None = None,
     backtest_level: float = 0.9,
     backtest_max_folds: int | None = None,
+    maxiter: int = 2000,
 ) -> tuple[dict[str, Any], DataModelFit, Any, dict[str, Any]]:
     """Fit + bootstrap + allocation + diagnostics → (fit-file dict, fit, bootstrap, extras).
 
@@ -60,11 +64,14 @@ def analyze(
     diagnostics and, as a :class:`~windtunnel.scaling.backtest.BacktestResult`, into
     ``extras["backtest"]``. The fit file's ``noise`` section (the fit's residuals and the seed
     noise of repeated points) is what :func:`windtunnel.scaling.intervals.fit_file_interval`
-    needs for a prediction interval of one new run."""
+    needs for a prediction interval of one new run. ``maxiter`` caps the iterations of each
+    local search of the fit (not of the bootstrap's)."""
     from windtunnel.scaling.backtest import DEFAULT_BOOT, backtest
     from windtunnel.scaling.intervals import NoiseModel
 
-    fit = fit_data_model(df, target=target, form=form, delta=delta, reduction=reduction)
+    fit = fit_data_model(
+        df, target=target, form=form, delta=delta, reduction=reduction, maxiter=maxiter
+    )
     boot = None
     if n_boot > 0:
         boot = bootstrap_points(
@@ -107,10 +114,19 @@ def analyze(
         diagnostics["backtest"] = {"skipped": str(e)}
     if {"width", "lr"} <= set(df.columns) and df["width"].nunique() > 1 and df["lr"].nunique() > 2:
         from windtunnel.scaling.batch_lr import mutransfer_check
+        from windtunnel.scaling.mutransfer import transfer_verdict
 
         try:
             extras["mutransfer"] = mutransfer_check(df, target=target)
-            diagnostics["mutransfer"] = extras["mutransfer"].to_dict()
+            # one token count per (width, lr): the longest run's points (seed repeats kept), so
+            # that losses at other D are not mistaken for seed noise
+            last = df[df["D"] == df.groupby(["width", "lr"])["D"].transform("max")]
+            extras["mutransfer_verdict"] = transfer_verdict(last, target=target)
+            diagnostics["mutransfer"] = {
+                **extras["mutransfer"].to_dict(),
+                "verdict": extras["mutransfer_verdict"].verdict,
+                "why": extras["mutransfer_verdict"].why,
+            }
         except ScalingError as e:
             diagnostics["mutransfer"] = {"skipped": str(e)}
     summary = {
@@ -123,25 +139,27 @@ def analyze(
     }
     fit_file = {
         "kind": FIT_FILE_KIND,
-        "version": 1,
+        "version": FIT_FILE_VERSION,
         "source": source,
         "fit": summary,
         "bootstrap": boot.to_dict() if boot is not None else None,
         "diagnostics": diagnostics,
         "noise": NoiseModel.from_fit(fit, df, target=target).to_dict(),
         "batch_size_law": None,
-        "data_range": data_range(df),
+        "data_range": data_range(df, target=target),
         "lr": float(df["lr"].median()) if "lr" in df.columns and df["lr"].notna().any() else None,
     }
     return _jsonable(fit_file), fit, boot, extras
 
 
-def data_range(df: pd.DataFrame) -> dict[str, list[float]]:
-    """The span of the fitted points: N, D and compute 6ND, each as [min, max] (how far a plan
-    extrapolates is measured against it)."""
+def data_range(df: pd.DataFrame, *, target: str | None = None) -> dict[str, list[float]]:
+    """The span of the fitted points as [min, max]: N, D, compute 6ND, tokens per parameter and
+    (given ``target``) the fitted target. How far a plan extrapolates is measured against it."""
     n, d = df["N"].to_numpy(float), df["D"].to_numpy(float)
-    c = 6.0 * n * d
-    return {k: [float(v.min()), float(v.max())] for k, v in (("N", n), ("D", d), ("C", c))}
+    cols = {"N": n, "D": d, "C": 6.0 * n * d, "tokens_per_param": d / n}
+    if target is not None and target in df.columns:
+        cols[target] = df[target].to_numpy(float)
+    return {k: [float(v.min()), float(v.max())] for k, v in cols.items()}
 
 
 def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +171,8 @@ def json_summary(fit_file: dict[str, Any]) -> dict[str, Any]:
         "n_polished", "n_reached_best", "seconds", "warnings", "allocation", "minicpm",
     )  # fmt: skip
     out = {k: f[k] for k in keep if k in f}
+    if fit_file.get("data_range"):
+        out["data_range"] = fit_file["data_range"]
     boot = fit_file.get("bootstrap") or {}
     out["bootstrap"] = {k: boot.get(k) for k in ("seed", "n_boot", "n_failed", "level")}
     out["diagnostics"] = {
@@ -180,7 +200,12 @@ def write_outputs(
     if "isoflop" in extras:
         paths.append(plots.isoflop_curves(df, extras["isoflop"], out, target=target))
     if "mutransfer" in extras:
-        paths.append(plots.lr_sweeps(df, extras["mutransfer"], out, target=target))
+        paths.append(
+            plots.lr_sweeps(
+                df, extras["mutransfer"], out, target=target,
+                verdict=extras.get("mutransfer_verdict"),
+            )
+        )  # fmt: skip
     if "backtest" in extras:
         paths.append(out / "backtest.csv")
         extras["backtest"].table.to_csv(paths[-1], index=False)

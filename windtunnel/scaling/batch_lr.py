@@ -40,7 +40,14 @@ class BatchSizeLaw:
         return self.k / np.asarray(loss, dtype=float) ** self.gamma
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "gamma": self.gamma}
+        """``k``, ``gamma`` and, when the points are known, the ``loss_range`` and ``bs_range``
+        they span (the planner warns when it uses the law outside ``loss_range``)."""
+        out: dict[str, Any] = {"k": self.k, "gamma": self.gamma}
+        if self.points is not None and len(self.points):
+            for key, col in (("loss_range", "level"), ("bs_range", "bs_opt")):
+                v = self.points[col].to_numpy(dtype=float)
+                out[key] = [float(v.min()), float(v.max())]
+        return out
 
 
 def fit_batch_size_law(loss: Any, bs_opt: Any) -> BatchSizeLaw:

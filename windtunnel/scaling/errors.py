@@ -34,3 +34,8 @@ class NotIdentifiableError(ScalingError):
 
 class ConvergenceError(ScalingError):
     """The optimizer did not reach a stationary point."""
+
+
+class PlanRefusedError(ScalingError):
+    """The planner refuses a plan outside what any fit supports (e.g. too few optimizer steps);
+    the message says why and what to change."""

@@ -352,12 +352,13 @@ def fit_points(
     if gnorm > 1e-3 or (nit >= maxiter and gnorm > 1e-5):
         raise ConvergenceError(
             f"the fit did not converge: gradient {gnorm:.2e} (normalized) after {nit} "
-            f"iterations ({getattr(res, 'message', '')}); raise maxiter, check the data for "
-            "outliers, or fix a parameter"
+            f"iterations ({getattr(res, 'message', '')}); raise maxiter (now {maxiter}) or "
+            "remove outlying points"
         )
     if moved == 0.0 and gnorm > 1e-8:
         raise ConvergenceError(
-            "the optimizer stopped at its starting point with a non-zero gradient"
+            "the optimizer stopped at its starting point with a non-zero gradient; check the "
+            "points for outliers or duplicates"
         )
 
     law = DataModelLaw.from_log_params(prob.uncentred(xbest))

@@ -5,6 +5,11 @@ choose N and D from the compute-optimal allocation, a MiniCPM-shaped model for N
 d_ff = 2.5·d, depth from the proxy family), the batch size from the batch-size law at the
 predicted loss, the base lr and width multiplier from μP, a WSD schedule with ~10% decay, the
 predicted loss with its bootstrap interval, and GPU-hours for a named GPU at a stated MFU.
+
+Every plan is checked against the ranges its fit file records (:mod:`windtunnel.scaling.plancheck`):
+what the fit does not support is a typed warning in ``Plan.warnings`` (the YAML's header, the
+JSON, the CLI's ``WARNING:`` lines, the tunnel's report), or a refusal
+(:class:`~windtunnel.scaling.errors.PlanRefusedError`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,19 @@ from windtunnel.scaling.allocation import (
 )
 from windtunnel.scaling.batch_lr import MINICPM_BATCH_LAW
 from windtunnel.scaling.bootstrap import BootstrapResult
-from windtunnel.scaling.errors import InputError
+from windtunnel.scaling.errors import InputError, PlanRefusedError
 from windtunnel.scaling.laws import DataModelLaw
+from windtunnel.scaling.plancheck import (
+    PlanWarning,
+    check_batch_clamp,
+    check_batch_law,
+    check_extrapolation,
+    check_fit_file,
+    check_intervals,
+    check_steps,
+    check_tokens_per_param,
+    refusals,
+)
 
 GPU_PEAK_BF16: dict[str, float] = {name: gpu.peak_flops for name, gpu in GPUS.items()}
 """Dense bf16 peak FLOP/s per GPU (datasheets, no sparsity), from :data:`windtunnel.estimate.GPUS`."""
@@ -112,7 +128,9 @@ def choose_shape(
         raise InputError(f"no MiniCPM-shaped model has {N:.3g} non-embedding parameters")
     *_, d, L = min(cands)
     s = _shape(d, L, d // D_HEAD, d // D_HEAD, vocab_size)
-    return f"planned-{non_embedding_params(s) / 1e9:.2f}B", s
+    n = non_embedding_params(s)
+    unit, scale = next((u, x) for u, x in (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)) if n >= x)
+    return f"planned-{n / scale:.3g}{unit}", s
 
 
 @dataclass
@@ -141,10 +159,26 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     mup: dict[str, float] = field(default_factory=dict)
     """μP hyperparameters found by the search (``scale_emb``, ``init_std``, ``scale_depth``)."""
+    warnings: list[PlanWarning] = field(default_factory=list)
+    """What the plan does beyond what the fit supports (:mod:`windtunnel.scaling.plancheck`)."""
+    steps: int = 0
+    """Optimizer steps: ``D // (batch_size · seq_len)``."""
+    tokens_per_param_interval: tuple[float, float] | None = None
+    """Bootstrap interval of the compute-optimal D/N at the plan's compute (None: no bootstrap,
+    or N and D were both given)."""
+
+    @property
+    def refused(self) -> bool:
+        return bool(refusals(self.warnings))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: an interval end that is not finite (the bootstrap's laws overflow there)
+        is None, i.e. unbounded."""
         d = asdict(self)
         d["shape"] = asdict(self.shape)
+        for k in ("loss_interval", "tokens_per_param_interval"):
+            if d[k] is not None:
+                d[k] = [float(x) if math.isfinite(x) else None for x in d[k]]
         return d
 
     def hydra_config(self) -> dict[str, Any]:
@@ -189,8 +223,10 @@ class Plan:
             if self.loss_interval
             else "n/a (no bootstrap in the fit file)"
         )
+        first = [f"# {w.tagged()}" for w in self.warnings if w.action == "refuse"]
         head = [
             "# @package _global_",
+            *first,
             f"# Full run planned by `windtunnel plan` from a {self.target} fit.",
             f"# N (non-embedding) = {self.N:,} (target {self.N_target:.4g}),"
             f" D = {self.D:,} tokens ({self.tokens_per_param:.1f} tokens/param)",
@@ -202,12 +238,19 @@ class Plan:
             " (hidden matrices get lr/m in the trainer)",
             f"# cost: {self.gpu_hours:,.0f} GPU-hours on {self.gpu.upper()} at MFU {self.mfu:g}",
             *[f"# note: {n}" for n in self.notes],
+            *[f"# {w.tagged()}" for w in self.warnings if w.action != "refuse"],
         ]
         body = yaml.safe_dump(self.hydra_config(), sort_keys=False, default_flow_style=False)
         return "\n".join(head) + "\n" + body
 
 
+FIT_FILE_VERSIONS = (1, 2)
+"""Fit-file versions this planner reads (2 records the fitted ranges; 1 is upgraded)."""
+
+
 def load_fit_file(path: str | Path) -> dict[str, Any]:
+    """A fit file (``fit.json`` or its folder); a version-1 file gets the fitted ranges from the
+    ``points.csv`` next to it when there is one (else the plan warns that it cannot check)."""
     p = Path(path)
     if p.is_dir():
         p = p / "fit.json"
@@ -219,30 +262,24 @@ def load_fit_file(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{p} is not a fit file (invalid JSON: {e})") from None
     if not isinstance(data, dict) or data.get("kind") != "windtunnel.scaling.fit":
         raise InputError(f"{p} is not a windtunnel fit file")
+    version = data.get("version", 1)
+    if version not in FIT_FILE_VERSIONS:
+        raise InputError(
+            f"{p} is a version-{version} fit file; this windtunnel reads versions "
+            f"{', '.join(map(str, FIT_FILE_VERSIONS))}: refit with `windtunnel fit` or upgrade"
+        )
+    span = data.get("data_range") or {}
+    points = p.parent / "points.csv"
+    if not span.get("tokens_per_param") and points.is_file():
+        import pandas as pd
+
+        from windtunnel.scaling.analyze import data_range
+
+        df = pd.read_csv(points)
+        target = str((data.get("fit") or {}).get("target", "loss"))
+        if {"N", "D"} <= set(df.columns):
+            data["data_range"] = {**data_range(df, target=target), **span}
     return data
-
-
-EXTRAPOLATION_WARN = 100.0
-"""A plan more than this many times the fit's largest compute (or N, or D) gets a warning."""
-
-
-def extrapolation_notes(fit: dict[str, Any], N: float, D: float) -> list[str]:
-    """Warnings for a plan far outside the fitted points (``fit["data_range"]``)."""
-    span = fit.get("data_range")
-    if not span:
-        return []
-    notes = []
-    C = 6.0 * N * D
-    for key, value, what in (("C", C, "compute 6ND"), ("N", N, "N"), ("D", D, "D")):
-        top = float(span[key][1])
-        if top > 0 and value / top > EXTRAPOLATION_WARN:
-            notes.append(
-                f"WARNING: {what} = {value:.3g} is {value / top:.2g}x the largest fitted "
-                f"({top:.3g}); a law fitted over {span[key][0]:.3g}-{top:.3g} is rarely trusted "
-                f"beyond ~{EXTRAPOLATION_WARN:g}x: fit a ladder closer to this budget before "
-                "spending it"
-            )
-    return notes
 
 
 def make_plan(
@@ -257,10 +294,18 @@ def make_plan(
     vocab_size: int = MINICPM_VOCAB,
     lr: float | None = None,
     batch_law: dict[str, float] | None = None,
+    batch_tokens: float | None = None,
     name: str | None = None,
     mup: dict[str, float] | None = None,
+    refuse: bool = True,
 ) -> Plan:
-    """Plan the full run from a loaded fit file (see :func:`load_fit_file`)."""
+    """Plan the full run from a loaded fit file (see :func:`load_fit_file`).
+
+    ``batch_tokens`` sets the batch (tokens per step) instead of the batch-size law. The plan is
+    checked against the fit's ranges (:mod:`~windtunnel.scaling.plancheck`); a plan the checks
+    refuse raises :class:`PlanRefusedError`, or with ``refuse=False`` is returned with the
+    refusal among its warnings (``Plan.refused``), for a report to show.
+    """
     given = [x is not None for x in (budget_flops, params, tokens)]
     if (budget_flops is not None and any(given[1:])) or not any(given):
         raise InputError(
@@ -270,6 +315,8 @@ def make_plan(
         raise InputError(f"unknown GPU {gpu!r}; known: {', '.join(GPU_PEAK_BF16)}")
     if not 0 < mfu <= 1:
         raise InputError(f"MFU must be in (0, 1], got {mfu}")
+    if batch_tokens is not None and not batch_tokens > 0:
+        raise InputError(f"--batch-tokens must be positive, got {batch_tokens}")
     f = fit["fit"]
     law = DataModelLaw(E=f["E"], A=f["A"], B=f["B"], alpha=f["alpha"], beta=f["beta"])
     notes: list[str] = []
@@ -291,24 +338,42 @@ def make_plan(
         D_t = float(budget_flops) / (6.0 * N)  # spend the budget on the shape actually chosen
     D = int(round(D_t))
     loss = float(law.predict(N, D))
-    interval = None
+    interval = tpp_interval = None
     if fit.get("bootstrap"):
         boot = BootstrapResult.from_dict(fit["bootstrap"])
         interval = boot.interval(boot.predict(N, D))
-    bl = batch_law or fit.get("batch_size_law")
-    if not bl:
-        bl = MINICPM_BATCH_LAW
-        notes.append("batch size from MiniCPM's law 1.21e9/L^6.24 (no batch-size law in the fit)")
-        if fit["fit"].get("target", "loss") != "loss":
+        if params is None or tokens is None:  # the allocation chose N or D
+            tpp_interval = boot.interval(boot.derived(6.0 * N * D)["tokens_per_param"])
+    warnings = check_fit_file(fit)
+    warnings += check_extrapolation(N, D, fit.get("data_range"))
+    warnings += check_tokens_per_param(N, D, fit.get("data_range"))
+    warnings += check_intervals(loss, interval, tpp_interval)
+    if batch_tokens is not None:
+        bs_tokens = float(batch_tokens)
+        notes.append(f"batch size set by the caller ({bs_tokens:.3g} tokens per step)")
+    else:
+        bl = batch_law or fit.get("batch_size_law")
+        if not bl:
+            bl = MINICPM_BATCH_LAW
             notes.append(
-                f"MiniCPM's batch-size law is in nats of loss but the fit's target is "
-                f"{fit['fit'].get('target')}: fit a batch-size law on the same quantity"
+                "batch size from MiniCPM's law 1.21e9/L^6.24 (no batch-size law in the fit)"
             )
-    bs_tokens = float(bl["k"] / loss ** bl["gamma"])
+            if fit["fit"].get("target", "loss") != "loss":
+                notes.append(
+                    f"MiniCPM's batch-size law is in nats of loss but the fit's target is "
+                    f"{fit['fit'].get('target')}: fit a batch-size law on the same quantity"
+                )
+        bs_tokens = float(bl["k"] / loss ** bl["gamma"])
+        warnings += check_batch_law(loss, bl)
+    warnings += check_batch_clamp(bs_tokens, seq_len)
     batch_size = max(1, int(round(bs_tokens / seq_len)))
+    warnings += check_steps(D, batch_size, seq_len)
+    warnings.sort(key=lambda w: ("refuse", "clamp", "warn").index(w.action))  # stable
+    refused = refusals(warnings)
+    if refuse and refused:
+        raise PlanRefusedError("; ".join(w.line() for w in refused))
     base_lr = float(lr if lr is not None else fit.get("lr") or MINICPM_BASE_LR)
     C_exact = float(flops_per_token(shape, seq_len) * D)
-    notes += extrapolation_notes(fit, N, D)
     peak = GPU_PEAK_BF16[gpu.lower()]
     return Plan(
         name=name or label,
@@ -332,4 +397,7 @@ def make_plan(
         target=str(fit["fit"].get("target", "loss")),
         notes=notes,
         mup={k: float(v) for k, v in (mup or {}).items()},
+        warnings=warnings,
+        steps=int(D // (batch_size * seq_len)),
+        tokens_per_param_interval=tpp_interval,
     )

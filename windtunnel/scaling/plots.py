@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -77,16 +77,33 @@ def isoflop_curves(df: pd.DataFrame, iso: Any, out: Path, *, target: str = "loss
     return _save(fig, out, "isoflop.png")
 
 
-def lr_sweeps(df: pd.DataFrame, check: Any, out: Path, *, target: str = "loss") -> Path:
+def lr_sweeps(
+    df: pd.DataFrame, check: Any, out: Path, *, target: str = "loss", verdict: Any = None
+) -> Path:
+    """Loss against lr per width; with a :class:`~windtunnel.scaling.mutransfer.TransferVerdict`
+    each width's optimum and its interval are drawn in the width's colour, and the title is the
+    verdict."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours = {}
     for w, g in df.groupby("width"):
         g = g.groupby("lr", as_index=False)[[target]].mean()
-        ax.plot(g["lr"], g[target], "o-", ms=3, label=f"width {w:g}")
-    for _, r in check.table.iterrows():
-        ax.axvline(r["lr_opt"], color="grey", lw=0.5)
+        (line,) = ax.plot(g["lr"], g[target], "o-", ms=3, label=f"width {w:g}")
+        colours[float(cast("float", w))] = line.get_color()
+    if verdict is None:
+        for _, r in check.table.iterrows():
+            ax.axvline(r["lr_opt"], color="grey", lw=0.5)
+        title = f"μTransfer: slope {check.slope:+.2f}, {'stable' if check.stable else 'UNSTABLE'}"
+    else:
+        for o in verdict.optima:
+            c = colours.get(o.width, "grey")
+            ax.axvline(o.lr_opt, color=c, lw=0.8, ls="--")
+            if o.lr_lo is not None and o.lr_hi is not None:
+                ax.axvspan(o.lr_lo, o.lr_hi, color=c, alpha=0.12)
+        slope = "" if verdict.slope is None else f", slope {verdict.slope:+.2f}"
+        title = f"μTransfer: {verdict.verdict}{slope}"
     ax.set(xscale="log", xlabel="base lr", ylabel=target)
-    ax.set_title(f"μTransfer: slope {check.slope:+.2f}, {'stable' if check.stable else 'UNSTABLE'}")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     return _save(fig, out, "lr_sweeps.png")
 

@@ -107,11 +107,18 @@ class BatchSize(AfterSearch[BatchSizeResult]):
         return out + images(r.plots, "batch-size law")
 
 
-def batch_size_law(r: BatchSizeResult | None) -> dict[str, float] | None:
-    """The fitted law's ``k`` and ``gamma`` (None when there is no law)."""
+def batch_size_law(r: BatchSizeResult | None) -> dict[str, Any] | None:
+    """The fitted law's ``k``, ``gamma`` and the ``loss_range`` of its iso-loss levels (read from
+    its points when an older result lacks it); None when there is no law."""
     if r is None or "k" not in r.law:
         return None
-    return {k: r.law[k] for k in ("k", "gamma")}
+    out: dict[str, Any] = {k: r.law[k] for k in ("k", "gamma")}
+    levels = [float(p["level"]) for p in r.law.get("points") or [] if p.get("level") is not None]
+    if r.law.get("loss_range"):
+        out["loss_range"] = list(r.law["loss_range"])
+    elif levels:
+        out["loss_range"] = [min(levels), max(levels)]
+    return out
 
 
 STAGE = BatchSize()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from windtunnel.scaling.plancheck import EXTRAPOLATION_WARN
 from windtunnel.tunnel.render import Block, images, iv, num, size
 from windtunnel.tunnel.spec import FitStage
 from windtunnel.tunnel.stage import Context, PureStage
@@ -64,9 +65,12 @@ class Fit(PureStage[FitResult]):
     def headline(self, r: FitResult) -> str:
         s = r.summary
         alloc = next(iter(s["allocation"].values()))
+        factor = extrapolation(s)
+        beyond = f", {factor:.2g}× the fitted compute" if factor > EXTRAPOLATION_WARN else ""
         return (
             f"{s['target']} = {s['E']:.3f} + {s['A']:.3g}/N^{s['alpha']:.3f} + "
-            f"{s['B']:.3g}/D^{s['beta']:.3f}; D/N at the budget {alloc['tokens_per_param']:.0f}"
+            f"{s['B']:.3g}/D^{s['beta']:.3f}; D/N at the budget "
+            f"{alloc['tokens_per_param']:.3g}{beyond}"
         )
 
     def metrics(self, r: FitResult) -> dict[str, float]:
@@ -114,18 +118,33 @@ def _law(r: FitResult) -> list[Block]:
     return out + images(r.plots, "fit")
 
 
+def extrapolation(s: dict[str, Any]) -> float:
+    """The fit's first budget over its largest fitted compute (0 when the range is unknown)."""
+    top = ((s.get("data_range") or {}).get("C") or [0.0, 0.0])[1]
+    _, alloc, _ = budget(s)
+    return float(alloc["C"]) / top if top else 0.0
+
+
 def _ratio(s: dict[str, Any]) -> list[Block]:
     _, alloc, civ = budget(s)
     level = f"{(s.get('bootstrap') or {}).get('level') or 0.95:.0%}"
     tpp = civ.get("tokens_per_param")
     within = f" ({level} interval {tpp[0]:.1f}–{tpp[1]:.1f})" if tpp else " (no interval)"
-    return [
+    out: list[Block] = [
         f"At C = {alloc['C']:.3g} FLOPs the compute-optimal run trains "
         f"{alloc['tokens_per_param']:.1f} tokens per parameter{within}: "
         f"N_opt = {size(alloc['N_opt'])}, D_opt = {size(alloc['D_opt'])}. "
         f"N_opt ∝ C^{s['a']:.3f} and D_opt ∝ C^{s['b']:.3f}. For reference, Chinchilla "
         "found ≈20 tokens per parameter and MiniCPM ≈192 on their data."
     ]
+    factor = extrapolation(s)
+    if factor > EXTRAPOLATION_WARN:
+        out.append(
+            f"WARNING: this budget is {factor:.2g}× the largest compute the law was fitted on "
+            f"(more than {EXTRAPOLATION_WARN:g}×): the ratio is an extrapolation, not a finding; "
+            "the plan's warnings say what to do."
+        )
+    return out
 
 
 STAGE = Fit()

@@ -1,5 +1,7 @@
 """μTransfer check: lr sweeps at several widths, centred on the μP optimum; does the optimal lr
-stay put as the model widens?"""
+stay put as the model widens, and can the sweep tell? (:mod:`windtunnel.scaling.mutransfer`:
+per width the optimum with its interval, the slope across widths, the verdict "stable", "not
+stable" or "cannot tell" with the design checks it rests on.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from windtunnel.sweep.spec import SweepSpec, grid_size
-from windtunnel.tunnel.render import Block, images, num, table
+from windtunnel.tunnel.render import Block, images, iv, num, table
 from windtunnel.tunnel.spec import TunnelSpec
 from windtunnel.tunnel.stage import Context
 from windtunnel.tunnel.stages.mup_search import AfterSearch, best_params
@@ -24,6 +26,9 @@ class LrTransferResult(SweepResult):
     """The μP search's lr the grid is centred on."""
     check: dict[str, Any] = field(default_factory=dict)
     """:func:`~windtunnel.scaling.batch_lr.mutransfer_check`'s ``to_dict``, or ``{"skipped": why}``."""
+    verdict: dict[str, Any] = field(default_factory=dict)
+    """:func:`~windtunnel.scaling.mutransfer.transfer_verdict`'s ``to_dict``, or ``{"skipped":
+    why}``; empty in results from before it (then computed from ``table`` when shown)."""
 
 
 def lr_grid_overrides(spec: SweepSpec, lr: float, factors: list[float]) -> SweepSpec:
@@ -62,6 +67,7 @@ class LrTransfer(AfterSearch[LrTransferResult]):
         from windtunnel.scaling import plots
         from windtunnel.scaling.batch_lr import mutransfer_check
         from windtunnel.scaling.errors import ScalingError
+        from windtunnel.scaling.mutransfer import transfer_verdict
 
         target, factors = ctx.tf.tunnel.fit.target, self.settings(ctx.tf).lr_factors
         spec = self.spec(ctx)
@@ -78,10 +84,13 @@ class LrTransfer(AfterSearch[LrTransferResult]):
         )
         try:
             check = mutransfer_check(tab, target=target)
-            out.check = check.to_dict()
-            out.plots = [str(plots.lr_sweeps(tab, check, ctx.plots(), target=target))]
+            verdict = transfer_verdict(tab, target=target)
+            out.check, out.verdict = check.to_dict(), verdict.to_dict()
+            out.plots = [
+                str(plots.lr_sweeps(tab, check, ctx.plots(), target=target, verdict=verdict))
+            ]
         except ScalingError as e:
-            out.check = {"skipped": str(e)}
+            out.check = out.verdict = {"skipped": str(e)}
         return out
 
     def estimate_spec(self, tf: TunnelSpec) -> SweepSpec:
@@ -90,31 +99,88 @@ class LrTransfer(AfterSearch[LrTransferResult]):
         return lr_grid_overrides(spec, 1e-2, factors) if factors else spec  # the grid's size
 
     def headline(self, r: LrTransferResult) -> str:
-        c = r.check
-        if "slope" not in c:
-            return f"μTransfer check skipped: {c.get('skipped')}"
-        verdict = "stable" if c["stable"] else "NOT stable"
-        return f"optimal lr across widths: slope {c['slope']:+.2f}, spread ×{c['spread']:.2f} ({verdict})"
+        v = verdict_of(r)
+        if "verdict" not in v:
+            return f"μTransfer check skipped: {v.get('skipped') or r.check.get('skipped')}"
+        slope = _slope_text(v)
+        if v["verdict"] == "stable":
+            return f"μTransfer stable: {slope}"
+        if v["verdict"] == "not stable":
+            return f"μTransfer NOT stable: {slope}"
+        missing = [
+            f"{c['name']} {c['have']} (need {c['need']})" for c in v["design"] if not c["ok"]
+        ]
+        unresolved = [o for o in v["optima"] if o["issue"]]
+        if unresolved:
+            missing.append(f"{len(unresolved)} of {len(v['optima'])} optima unresolved")
+        why = "; ".join(missing) or v["why"]
+        return f"μTransfer: cannot tell at this resolution ({slope}; {why})"
 
     def section(self, r: LrTransferResult, title: str) -> list[Block]:
-        c = r.check
+        v = verdict_of(r)
         out: list[Block] = []
         if r.mup_lr:
             out.append(f"The lr grid is centred on the μP optimum lr = {num(r.mup_lr)}.")
-        if "slope" not in c:
-            return [*out, f"The μTransfer check was skipped: {c.get('skipped', 'no result')}."]
-        verdict = "stable: μP transfers the lr" if c["stable"] else "NOT stable"
+        if "verdict" not in v:
+            skipped = v.get("skipped") or r.check.get("skipped", "no result")
+            return [*out, f"The μTransfer check was skipped: {skipped}."]
+        level = f"{v['level']:.0%}"
+        words = {"stable": "stable: μP transfers the lr", "not stable": "NOT stable"}
         out += [
-            f"{len(r.table)} finished runs. The optimal lr moves with width as "
-            f"width^{c['slope']:+.3f} (0 under perfect transfer, −1 like standard "
-            f"parametrization); the optima lie within ×{c['spread']:.2f} of each other: {verdict}.",
+            f"{len(r.table)} finished runs. Verdict: {words.get(v['verdict'], v['verdict'])} — "
+            f"{v['why']}.",
+            "Per width, the optimum is the vertex of a parabola in log lr through the basin "
+            f"around the best swept lr, with a {level} interval from a parametric bootstrap of "
+            "that fit (loss noise from seed repeats, else from the parabola's residuals). The "
+            "slope is d log lr_opt / d log width (0 under perfect transfer, −1 like standard "
+            "parametrization).",
             table(
-                "width|lr_opt|target at lr_opt|lrs swept|optimum inside the grid",
-                c.get("table") or [],
-                "width lr_opt loss_opt n_lrs interior",
+                "width|lr_opt|interval|target at lr_opt|lrs swept|spacing|basin points|"
+                "noise from|cannot decide because",
+                [_optimum_row(o) for o in v["optima"]],
+                "width lr_opt interval loss_opt n_lrs spacing n_basin noise_from issue",
+            ),
+            "The design this verdict needs:",
+            table(
+                "check|this sweep|needed|met",
+                v["design"],
+                "name have need ok",
             ),
         ]
         return out + images(r.plots, "lr sweeps per width")
+
+
+def verdict_of(r: LrTransferResult) -> dict[str, Any]:
+    """The result's verdict; for results from before it, computed from its table."""
+    if r.verdict or not r.table:
+        return r.verdict or dict(r.check)
+    from windtunnel.scaling.errors import ScalingError
+    from windtunnel.scaling.mutransfer import transfer_verdict
+
+    tab = pd.DataFrame(r.table)
+    target = next((c for c in tab.columns if c not in ("model", "width", "lr")), "loss")
+    try:
+        return transfer_verdict(tab, target=target).to_dict()
+    except ScalingError as e:
+        return {"skipped": str(e)}
+
+
+def _optimum_row(o: dict[str, Any]) -> dict[str, Any]:
+    bounded = o["lr_lo"] is not None and o["lr_hi"] is not None
+    return {
+        **o,
+        "interval": iv([o["lr_lo"], o["lr_hi"]]) if bounded else "unbounded",
+        "spacing": f"×{o['spacing']:.3g}",
+        "issue": o["issue"] or "—",
+    }
+
+
+def _slope_text(v: dict[str, Any]) -> str:
+    ci = v.get("slope_interval")
+    if v.get("slope") is None:
+        return "no slope"
+    iv_ = f" ({v['level']:.0%} interval {ci[0]:+.2f} to {ci[1]:+.2f})" if ci else ""
+    return f"lr_opt ∝ width^{v['slope']:+.2f}{iv_}"
 
 
 STAGE = LrTransfer()

@@ -41,8 +41,9 @@ class PlanFullRun(PureStage[PlanResult]):
             for k, v in mup_search.best_params(ctx).items()
             if k.startswith("model.")
         }
-        plan = make_plan(
+        plan = make_plan(  # a refused plan is reported (headline, section), not raised
             load_fit_file(found.fit_file),
+            refuse=False,
             budget_flops=p.budget_flops,
             gpu=p.gpu,
             mfu=p.mfu,
@@ -62,13 +63,35 @@ class PlanFullRun(PureStage[PlanResult]):
         )
 
     def headline(self, r: PlanResult) -> str:
-        return (
-            f"{r.N / 1e9:.2f}B params × {r.D / 1e9:.0f}B tokens, predicted {r.target} "
+        refused = [w.code for w in r.warnings if w.action == "refuse"]
+        if refused:
+            return (
+                f"plan REFUSED ({', '.join(refused)}): {size(r.N)} params × {size(r.D)} tokens "
+                f"in {r.steps} optimizer steps; see the plan's section for what to change"
+            )
+        line = (
+            f"{size(r.N)} params × {size(r.D)} tokens, predicted {r.target} "
             f"{r.loss:.3f}, {r.gpu_hours:,.0f} {r.gpu.upper()}-hours"
         )
+        codes = [w.code for w in r.warnings] + [
+            "extrapolation"
+            for n in r.notes
+            if n.startswith("WARNING")  # states from before warnings
+        ]
+        if codes:
+            s = "S" if len(codes) > 1 else ""
+            named = [c if codes.count(c) == 1 else f"{c} ×{codes.count(c)}" for c in codes]
+            line += f" — {len(codes)} WARNING{s} ({', '.join(dict.fromkeys(named))})"
+        return line
 
     def metrics(self, r: PlanResult) -> dict[str, float]:
-        return {"plan.N": r.N, "plan.D": r.D, "plan.loss": r.loss, "plan.gpu_hours": r.gpu_hours}
+        return {
+            "plan.N": r.N,
+            "plan.D": r.D,
+            "plan.loss": r.loss,
+            "plan.gpu_hours": r.gpu_hours,
+            "plan.warnings": len(r.warnings),
+        }
 
     def artifacts(self, r: PlanResult) -> list[Path]:
         return [Path(r.config)]
@@ -91,6 +114,12 @@ class PlanFullRun(PureStage[PlanResult]):
             ["cost", f"{r.gpu_hours:,.0f} {r.gpu.upper()}-hours at {r.mfu:.0%} MFU"],
         ]
         out: list[Block] = [("table", ["", "planned full run"], rows)]
+        if r.warnings:
+            out += [
+                "Warnings: where the plan goes beyond what the fit supports, and what to do "
+                "(`windtunnel plan` prints the same lines):",
+                ("list", [w.tagged() for w in r.warnings]),
+            ]
         if r.notes:
             out += ["Planner notes:", ("list", list(r.notes))]
         return [*out, f"Experiment config ({r.config}):", ("code", r.yaml, "yaml")]

@@ -121,3 +121,17 @@ def test_plan_far_beyond_the_fitted_points_warns():
     assert "# WARNING (extrapolation): compute 6ND" in plan.to_yaml()
     fit["data_range"] = {"N": [1e8, 2e9], "D": [2e10, 5e11], "C": [1.2e19, 6e21]}
     assert not [w for w in make_plan(fit, budget_flops=1e21).warnings if w.code == "extrapolation"]
+
+
+def test_the_plans_loss_interval_holds_the_fits_lack_of_fit_and_seed_noise():
+    """A run lands off the law by the fit's own scatter: the plan's interval says so."""
+    quiet = _fit_file()
+    noisy = {**_fit_file(), "noise": {"residuals": [0.05, -0.05] * 10, "seed_sd": 0.02}}
+    kw = {"budget_flops": 1e21, "gpu": "h100", "mfu": 0.4}
+    a, b = make_plan(quiet, **kw), make_plan(noisy, **kw)
+    assert a.loss == b.loss
+    assert b.loss_interval[0] < b.loss < b.loss_interval[1]
+    width_a = a.loss_interval[1] - a.loss_interval[0]
+    width_b = b.loss_interval[1] - b.loss_interval[0]
+    # ±5% scatter in log loss (inflated for the 5 fitted parameters) at 95%: about ±10%
+    assert width_b > 2 * width_a and 0.15 < width_b / b.loss < 0.3

@@ -4,7 +4,7 @@ Given a fit file (written by ``windtunnel fit --out``) and a budget (FLOPs, para
 choose N and D from the compute-optimal allocation, a MiniCPM-shaped model for N (d_head 64,
 d_ff = 2.5·d, depth from the proxy family), the batch size from the batch-size law at the
 predicted loss, the base lr and width multiplier from μP, a WSD schedule with ~10% decay, the
-predicted loss with its bootstrap interval, and GPU-hours for a named GPU at a stated MFU.
+predicted loss with its prediction interval (bootstrap parameters, lack of fit and seed noise: scaling/intervals.py), and GPU-hours for a named GPU at a stated MFU.
 
 Every plan is checked against the ranges its fit file records (:mod:`windtunnel.scaling.plancheck`):
 what the fit does not support is a typed warning in ``Plan.warnings`` (the YAML's header, the
@@ -340,8 +340,12 @@ def make_plan(
     loss = float(law.predict(N, D))
     interval = tpp_interval = None
     if fit.get("bootstrap"):
+        from windtunnel.scaling.intervals import fit_file_interval
+
         boot = BootstrapResult.from_dict(fit["bootstrap"])
-        interval = boot.interval(boot.predict(N, D))
+        # the run's loss, not only the law's: parameters, lack of fit and seed noise together
+        pi = fit_file_interval(fit, N, D, level=boot.level)
+        interval = (pi.lo, pi.hi)
         if params is None or tokens is None:  # the allocation chose N or D
             tpp_interval = boot.interval(boot.derived(6.0 * N * D)["tokens_per_param"])
     warnings = check_fit_file(fit)

@@ -318,6 +318,14 @@ def to_run_config(data: Mapping[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (the dotted keys :func:`with_values` takes)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def with_values(cfg: T, values: Mapping[str, Any]) -> T:
     """``cfg`` with dotted keys set (``{"optim.lr": 3e-3, "name": "t0001"}``); pure.
 

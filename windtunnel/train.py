@@ -34,18 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel import checkpoint
-from windtunnel.config import Resolved, RunConfig, resolve, to_dict
+from windtunnel.config import Resolved, RunConfig, flatten, resolve, to_dict
 from windtunnel.distributed import World, process_group, world_from_env
 from windtunnel.engine import (
     Diverged,
     Engine,
     Preempted,
     Pruned,
-    fsdp_refusal,
     pick_device,
     schedule_for,
 )
 from windtunnel.files import atomic_write, lock
+from windtunnel.layout import check_fsdp, check_memory, check_world
 
 LN2 = math.log(2.0)
 OnEval = Callable[[int, dict[str, float]], None]
@@ -122,16 +122,9 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{digest}"
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_same_run(saved: dict[str, Any], cfg: RunConfig, where: Path) -> None:
     """Refuse to resume a run folder with a different config (results would be mixed)."""
-    a, b = _flat(saved), _flat(identity(cfg))
+    a, b = flatten(saved), flatten(identity(cfg))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in LAYOUT)
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
@@ -571,50 +564,6 @@ def train(
         finally:  # DDP's reducer must go before its process group, or its destructor can hang
             del trainer
             gc.collect()
-
-
-def check_memory(res: Resolved, world: World) -> None:
-    """On a GPU, refuse before building anything a run whose estimated peak memory per rank
-    (:mod:`windtunnel.estimate`) exceeds the device's whole memory, saying what to change."""
-    import torch
-
-    device = pick_device(res.cfg.train.device, world)
-    if device.type != "cuda":
-        return
-    from windtunnel.estimate import GPU, estimate
-
-    props = torch.cuda.get_device_properties(device)
-    gpu = GPU(name=props.name, peak_flops=1e15, memory_bytes=props.total_memory)
-    est = estimate(res, gpu=gpu, world_size=world.size, margin=1.0)
-    if not est.fits:
-        raise ValueError(f"refused before training: {est.refusal()}")
-
-
-def check_fsdp(res: Resolved, world: World) -> None:
-    """FSDP on a model too small to shard usefully: refused on GPUs; on CPU (gloo, where tests
-    shard micro proxies to check the mechanics) one warning line from rank 0."""
-    refusal = fsdp_refusal(res, world.size)
-    if not refusal:
-        return
-    if pick_device(res.cfg.train.device, world).type == "cuda":
-        raise ValueError(refusal)
-    if world.main:
-        print(f"warning: {refusal}", file=sys.stderr)
-
-
-def check_world(cfg: RunConfig, world: World) -> int:
-    """The micro-batch (sequences per micro-step, all ranks together); refuses a world size
-    that cannot split it evenly (the curve would then depend on the world size)."""
-    o = cfg.optim
-    micro = o.batch_size // o.grad_accum
-    if micro % world.size:
-        fits = [w for w in range(1, micro + 1) if micro % w == 0 and w <= 2 * world.size]
-        raise ValueError(
-            f"{world.size} ranks cannot split micro-batches of {micro} sequences "
-            f"(optim.batch_size={o.batch_size} / optim.grad_accum={o.grad_accum}) evenly: "
-            f"use a world size that divides {micro} (e.g. {fits[-1]}) or change the batch"
-        )
-    return micro
 
 
 def submit_run(cfg: RunConfig, options: Any, *, say: Callable[[str], None] = print) -> Any:

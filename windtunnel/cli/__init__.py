@@ -84,9 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"windtunnel train: {refusal} (estimated for --gpu {args.gpu})", file=sys.stderr)
             return EXIT_USER_ERROR
         return train_job(cfg, launcher)
-    from windtunnel.distributed import World
+    from windtunnel.distributed import World, world_from_env
     from windtunnel.launch.ranks import check_nproc, run_ranks, under_launcher
-    from windtunnel.train import check_world, train
+    from windtunnel.layout import check_world
+    from windtunnel.train import train
 
     nproc = cfg.train.nproc_per_node
     if nproc > 1 and not under_launcher():  # start the ranks; each runs this same command
@@ -94,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_world(cfg, World(size=nproc))
         return run_ranks(nproc, ["train", *args.overrides])
     result = train(cfg, handle_signals=True)
-    if os.environ.get("RANK", "0") != "0":  # rank 0 reports for the run
+    if not world_from_env().main:  # rank 0 reports for the run
         return {"finished": 0, "preempted": EXIT_PREEMPTED}.get(result.status, EXIT_RUN_FAILED)
     return report_run(result)
 

@@ -5,12 +5,15 @@ functions, so what it shows is what runs."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from windtunnel import flops
 from windtunnel.compose import parse_dotlist
-from windtunnel.config import RunConfig, model_shape, resolve_model, with_values
-from windtunnel.launch.options import LauncherOptions, launcher_options
+from windtunnel.config import RunConfig, flatten, model_shape, resolve_model, with_values
+from windtunnel.launch.options import (
+    LauncherOptions,
+    SlurmOptions,
+    launcher_options,
+    with_ranks,
+)
 from windtunnel.sweep.spec import ResourceRule
 
 
@@ -27,18 +30,11 @@ def rule_index(rules: list[ResourceRule], n_params: int) -> int | None:
     return None
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def apply_rule(cfg: RunConfig, rule: ResourceRule | None) -> RunConfig:
     """The trial's run config with the rule's run overrides (``train.nproc_per_node=2``)."""
     if rule is None or not rule.run:
         return cfg
-    return with_values(cfg, _flat(parse_dotlist(rule.run)))
+    return with_values(cfg, flatten(parse_dotlist(rule.run)))
 
 
 def rule_launcher(base: LauncherOptions, rule: ResourceRule | None) -> LauncherOptions:
@@ -47,10 +43,8 @@ def rule_launcher(base: LauncherOptions, rule: ResourceRule | None) -> LauncherO
 
 
 def ranks(opts: LauncherOptions, cfg: RunConfig) -> int:
-    """Ranks (GPUs on a GPU machine) one trial spans: nodes × tasks per node on SLURM, else
-    ``train.nproc_per_node``."""
-    nodes = int(getattr(opts, "nodes", 1) or 1)
-    tasks = getattr(opts, "tasks_per_node", None) or getattr(opts, "gpus_per_node", None)
-    if nodes > 1 or tasks:
-        return nodes * int(tasks or 1)
+    """Ranks (GPUs on a GPU machine) one trial spans: the SLURM job's nodes × tasks per node
+    (:attr:`SlurmOptions.world_size`), else ``train.nproc_per_node``."""
+    if isinstance(opts, SlurmOptions):
+        return with_ranks(opts, cfg.train.nproc_per_node).world_size  # type: ignore[attr-defined]
     return cfg.train.nproc_per_node

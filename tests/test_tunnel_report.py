@@ -20,13 +20,15 @@ import pytest
 
 from windtunnel.scaling import DataModelLaw
 from windtunnel.scaling import plots as scaling_plots
+from windtunnel.scaling.backtest import BacktestResult as ScalingBacktest
+from windtunnel.scaling.backtest import Fold
 from windtunnel.scaling.batch_lr import BatchSizeLaw, mutransfer_check
 from windtunnel.scaling.bootstrap import BootstrapResult
 from windtunnel.scaling.plan import make_plan
 from windtunnel.sweep.driver import SweepSummary
 from windtunnel.tunnel import plots
 from windtunnel.tunnel.report import write_report
-from windtunnel.tunnel.stages.backtest import BacktestResult, backtest_verdict
+from windtunnel.tunnel.stages.backtest import BacktestResult, backtest_verdict, from_backtest
 from windtunnel.tunnel.stages.batch_size import BatchSizeResult
 from windtunnel.tunnel.stages.fit import FitResult
 from windtunnel.tunnel.stages.ladder import LadderPoint, LadderResult, ladder_points
@@ -111,19 +113,41 @@ def _ladder_trials(root: Path) -> list[dict[str, Any]]:
 
 
 def _backtest_table(extrapolation: float = 10.4) -> pd.DataFrame:
+    """The largest of 3 sizes held out: 4 points, all inside their 90% intervals."""
     D = np.array([3e7, 6e7, 1.2e8, 1.8e8])
     observed = np.array([1.3579, 1.2676, 1.1796, 1.1380])
     rel = np.array([-0.0031, 0.0084, -0.0052, 0.0011])
+    predicted = observed * (1 + rel)
     return pd.DataFrame(
         {
+            "k": 2,
+            "held_N": 3e6,
             "N": 3e6,
             "D": D,
+            "C": 1.8e7 * D,
             "observed": observed,
-            "predicted": observed * (1 + rel),
+            "predicted": predicted,
+            "lo": predicted * 0.98,
+            "hi": predicted * 1.02,
             "rel_error": rel,
             "extrapolation": extrapolation * D / D[0],
+            "inside": True,
+            "param_sd": 0.006,
+            "noise_sd": 0.002,
+            "flags": "",
         }
     )
+
+
+def _backtested(extrapolation: float = 10.4) -> ScalingBacktest:
+    """What :func:`windtunnel.scaling.backtest.backtest` returns for :func:`_backtest_table`."""
+    t = _backtest_table(extrapolation)
+    fold = Fold(
+        fit_sizes=2, held_out=(3,), n_fit=6, c_max=float(t["C"].min() / extrapolation),
+        law=LAW.to_dict(), warnings=(), flags=(), n_boot_ok=50, noise_sd=0.002,
+        noise_source="residuals", seed_sd=0.0, seconds=0.1,
+    )  # fmt: skip
+    return ScalingBacktest(table=t, mode="largest", level=0.9, n_boot=50, folds=(fold,), n_sizes=3)
 
 
 def _fit_summary() -> dict[str, Any]:
@@ -241,7 +265,7 @@ def _fake_state(folder: Path) -> dict[str, Any]:
     ]
     fit_file = {"fit": {**LAW.to_dict(), "target": "bpb"}, "bootstrap": boot.to_dict()}
     plan = make_plan(fit_file, budget_flops=1e21, batch_law=law.to_dict(), name="demo_full")
-    bt = _backtest_table()
+    bt = _backtested()
     stages = {
         "mup_search": mup,
         "lr_transfer": LrTransferResult(
@@ -268,14 +292,12 @@ def _fake_state(folder: Path) -> dict[str, Any]:
             config=str(folder / "plan" / "full_run.yaml"),
             yaml=plan.to_yaml(),
         ),
-        "backtest": BacktestResult(
-            mode="largest",
-            mean_abs_rel_error=0.00445,
-            max_abs_rel_error=0.0084,
-            points=bt.to_dict(orient="records"),
+        "backtest": from_backtest(
+            bt,
+            df,
+            target="bpb",
             target_error=0.01,
-            min_extrapolation=10.4,
-            plots=[str(plots.backtest(bt, pl, "bpb"))],
+            plots=[str(scaling_plots.backtest_intervals(bt, pl, target="bpb"))],
         ),
     }
     return {
@@ -308,7 +330,7 @@ def test_plot_functions_write_pngs(tmp_path: Path) -> None:
     assert _is_png(plots.search_history([trials[5]], tmp_path / "failed", "val_bpb"))
     p = plots.ladder_curves(_ladder_trials(tmp_path / "ladder"), tmp_path, "loss")
     assert p == tmp_path / "ladder_curves.png" and _is_png(p)
-    p = plots.backtest(_backtest_table(), tmp_path, "bpb")
+    p = scaling_plots.backtest_intervals(_backtested(), tmp_path, target="bpb")
     assert p == tmp_path / "backtest.png" and _is_png(p)
 
 
@@ -332,6 +354,9 @@ def test_report_has_every_section_and_number(full: tuple[Path, dict, dict]) -> N
         assert "Stages without a result" not in text
         assert "max |error| 0.84%" in text and "+0.84%" in text  # back-test, signed per point
         assert "10.4–62.4×" in text and "Target met" in text
+        assert "largest: 4 held-out points, 90% coverage 4/4, max " in text  # summary row
+        assert "Coverage: 4 of 4 held-out points (100%) lie inside their 90%" in text
+        assert "[1.3266, 1.3808]" in text  # the first point's interval
         assert "59.1 tokens per parameter (95% interval 24.8–498.6)" in text  # ratio + interval
         assert "[0.2449, 0.3139]" in text  # alpha's bootstrap interval
         assert "bs_opt(L) = 3.1e+05 / L^6.2" in text
@@ -365,7 +390,7 @@ def test_markdown_links_plots_relative(full: tuple[Path, dict, dict]) -> None:
 
 
 def test_plot_outside_the_folder_is_copied(tmp_path: Path) -> None:
-    elsewhere = plots.backtest(_backtest_table(), tmp_path / "elsewhere", "bpb")
+    elsewhere = scaling_plots.backtest_intervals(_backtested(), tmp_path / "elsewhere")
     state = {
         "tunnel": {"name": "t"},
         "stages": {

@@ -2,7 +2,9 @@
 
 The fits' figures (loss vs compute, residuals, bootstrap, μTransfer, batch-size law) live in
 :mod:`windtunnel.scaling.plots`; these are the ones only a tunnel has: the μP search's history,
-the ladder's loss curves with their decay branches, and the back-test of the held-out size.
+and the ladder's loss curves with their decay branches. The back-test's figure (held-out points
+with their intervals, errors against extrapolation) is the one ``windtunnel fit --backtest``
+draws: :func:`windtunnel.scaling.plots.backtest_intervals`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from windtunnel.scaling.plots import _plt, _save
 from windtunnel.tracking.journal import metric_series
-from windtunnel.tunnel.render import extrapolation_span, si
+from windtunnel.tunnel.render import si
 
 
 def _metric(target: str) -> str:
@@ -120,33 +121,3 @@ def ladder_curves(trials: list[dict[str, Any]], out: Path, target: str) -> Path:
     )
     ax.legend(fontsize=7)
     return _save(fig, out, "ladder_curves.png")
-
-
-def backtest(table: pd.DataFrame, out: Path, target: str) -> Path:
-    """Observed vs predicted target of the held-out points against D, each annotated with its
-    relative error; the extrapolation factor (held-out over largest fitted compute) in the title."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    cmap = plt.get_cmap("tab10")
-    for i, (N, g) in enumerate(table.sort_values("D").groupby("N", sort=True)):
-        c = cmap(i % 10)
-        ax.plot(g["D"], g["observed"], "o-", color=c, lw=1, label=f"observed N={si(N)}")
-        ax.plot(
-            g["D"], g["predicted"], "D--", color=c, lw=1, mfc="none", label=f"predicted N={si(N)}"
-        )
-        for _, r in g.iterrows():
-            ax.annotate(
-                f"{r['rel_error']:+.2%}",
-                (r["D"], r["predicted"]),
-                fontsize=7,
-                textcoords="offset points",
-                xytext=(4, 6),
-            )
-    ext = table["extrapolation"]
-    err = table["rel_error"].abs().max() if len(table) else float("nan")
-    ax.set(xscale="log", xlabel="D (tokens)", ylabel=target)
-    span = extrapolation_span(ext.tolist())
-    ax.set_title(f"back-test: {span} the fitted compute, max |error| {err:.2%}", fontsize=10)
-    if len(table):
-        ax.legend(fontsize=7)
-    return _save(fig, out, "backtest.png")

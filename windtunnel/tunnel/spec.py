@@ -72,11 +72,20 @@ class PlanStage:
     compiled, 0.5B 49%; docs/benchmarks.md)."""
 
 
+BACKTEST_MODES = ("rollout", "largest", "each")
+"""``windtunnel.scaling.backtest.MODES`` (not imported here: it would load the fitter)."""
+
+
 @dataclass(kw_only=True)
 class BacktestStage:
     enabled: bool = True
     target_error: float = 0.01
     """Relative error the back-test should stay under (reported, not enforced)."""
+    mode: str = "rollout"
+    """``rollout`` (fit the k ≥ 3 smallest sizes, predict every larger one, for every k; a
+    ladder of 3 sizes falls back to ``largest``), ``largest`` or ``each`` (leave each size out)."""
+    level: float = 0.9
+    """Mass of each held-out point's prediction interval (the coverage is read against it)."""
 
 
 @dataclass(kw_only=True)
@@ -135,6 +144,12 @@ class TunnelSpec:
             problems.append(f"tunnel.fit.target={t.fit.target!r}: bpb or loss")
         if not 0 < t.plan.mfu <= 1 or not 0 < t.plan.proxy_mfu <= 1:
             problems.append("tunnel.plan.mfu and tunnel.plan.proxy_mfu must be in (0, 1]")
+        if t.backtest.mode not in BACKTEST_MODES:
+            problems.append(
+                f"tunnel.backtest.mode={t.backtest.mode!r}: {', '.join(BACKTEST_MODES)}"
+            )
+        if not 0 < t.backtest.level < 1:
+            problems.append(f"tunnel.backtest.level={t.backtest.level}: in (0, 1), e.g. 0.9")
         if any(f <= 0 for f in t.lr_transfer.lr_factors):
             problems.append("tunnel.lr_transfer.lr_factors must be positive")
         if problems:

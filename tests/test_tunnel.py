@@ -48,7 +48,8 @@ tunnel:
     sweep: ladder
     set: ["sweep.space.size.choices=[micro_xxxs,micro_xxs,micro_xs,micro_s]", "train.branch_tokens_per_param=[1,2]"]
   fit: {{bootstrap: 20}}
-  plan: {{budget_flops: 1.0e20}}
+  plan: {{budget_flops: 1.0e20, params: 3.0e4, tokens: 1.5e5, seq_len: 32, vocab_size: 300, batch_tokens: 256}}
+  verify: {{enabled: true}}
 """
 
 
@@ -116,7 +117,7 @@ def tunnel_run(tmp_path_factory, mlflow_server):
 def test_killed_tunnel_resumes_and_finishes_every_stage(tunnel_run) -> None:
     r = tunnel_run
     assert r["killed_in"] == "ladder"
-    assert r["summary"]["done"] and [s["status"] for s in r["summary"]["stages"]] == ["done"] * 7
+    assert r["summary"]["done"] and [s["status"] for s in r["summary"]["stages"]] == ["done"] * 8
     err = r["rerun_stderr"]
     for stage in ("mup_search", "lr_transfer", "batch_size"):
         assert f"{stage}: done before, skipped" in err
@@ -148,6 +149,11 @@ def test_stages_feed_each_other(tunnel_run) -> None:
     plan_yaml = Path(st["plan"]["config"]).read_text()
     assert f"scale_emb: {best['model.scale_emb']}" in plan_yaml
     assert st["plan"]["loss"] > 0 and st["plan"]["N"] > 0
+    # verify trained the planned run (its shape, in the proxies' family) and compared it
+    v, plan = st["verify"], st["plan"]
+    assert v["N"] == plan["N"] and v["D"] == round(plan["D"] / 256) * 256
+    assert plan["shape"]["d_head"] == 16 and v["lo"] < v["predicted"] < v["hi"]
+    assert len(v["observed"]) == 1 and 0 < v["observed"][0] < 10
     bt = st["backtest"]
     assert {p["N"] for p in bt["points"]} == {max(p["N"] for p in st["ladder"]["points"])}
     assert bt["min_extrapolation"] > 1
@@ -173,6 +179,7 @@ def test_report_and_mlflow_layout(tunnel_run) -> None:
     (parent,) = client.search_runs([exp.experiment_id], "tags.`wt.kind` = 'tunnel'")
     assert parent.info.status == "FINISHED"
     assert "backtest.max_abs_rel_error" in parent.data.metrics
+    assert {"verify.rel_error", "verify.inside"} <= set(parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.html", "report.md", "full_run.yaml"} <= artifacts
     # the resumed driver links the tunnel's own run page, not just the server
@@ -206,9 +213,9 @@ def test_rerun_of_a_finished_tunnel_redoes_nothing(tunnel_run) -> None:
 def test_changed_settings_of_a_finished_stage_are_refused(tunnel_run, capsys) -> None:
     r = tunnel_run
     overrides = _run_overrides(r["tmp"], r["srv"])
-    code = main(["tunnel", str(r["spec"]), "tunnel.fit.bootstrap=21", *overrides])
+    code = main(["tunnel", str(r["spec"]), "tunnel.ladder.seeds=2", *overrides])
     assert code == 3
-    assert "fit already finished with other settings" in capsys.readouterr().err
+    assert "ladder already finished with other settings" in capsys.readouterr().err
 
 
 def test_dashboard_chart_of_the_ladder_in_a_real_browser(tunnel_run) -> None:

@@ -36,7 +36,9 @@ MULTS = (10, 20, 40)
 def _ladder(sizes: int, *, repeats: int = 1, noise: float = 0.004) -> pd.DataFrame:
     """``sizes`` model sizes × 3 decay branches (× ``repeats`` seeds), as the ladder stage keeps."""
     parts = [
-        synthetic_points(LAW, np.geomspace(2e5, 2e7, sizes), MULTS, noise=noise, seed=s)
+        synthetic_points(LAW, np.geomspace(2e5, 2e7, sizes), MULTS, noise=noise, seed=s).assign(
+            seed=s
+        )
         for s in range(repeats)
     ]
     df = pd.concat(parts, ignore_index=True)

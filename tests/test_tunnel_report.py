@@ -36,6 +36,7 @@ from windtunnel.tunnel.stages.lr_transfer import LrTransferResult
 from windtunnel.tunnel.stages.mup_search import MupResult
 from windtunnel.tunnel.stages.plan import PlanResult
 from windtunnel.tunnel.stages.sweeps import TrialRecord
+from windtunnel.tunnel.stages.verify import VerifyResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAW = DataModelLaw.from_minicpm(C_N=7.15e-2, C_D=3.00e-1, alpha=0.29, beta=0.23, L0=0.31)
@@ -299,6 +300,19 @@ def _fake_state(folder: Path) -> dict[str, Any]:
             target_error=0.01,
             plots=[str(scaling_plots.backtest_intervals(bt, pl, target="bpb"))],
         ),
+        "verify": VerifyResult(
+            N=147_600,
+            D=6_774_784,
+            seeds=[0],
+            observed=[1.9012],
+            predicted=1.8890,
+            lo=1.8501,
+            hi=1.9302,
+            plan_loss=1.8885,
+            extrapolation=1.4,
+            noise_sd=0.004,
+            run_ids=["run0"],
+        ),
     }
     return {
         "tunnel": {
@@ -348,6 +362,7 @@ def test_report_has_every_section_and_number(full: tuple[Path, dict, dict]) -> N
             "Compute-optimal ratio",
             "Planned full run",
             "Back-test",
+            "Forward check of the plan",
             "Ladder points",
         ):
             assert f"{title}</h2>" in text or f"## {title}\n" in text, title
@@ -365,6 +380,8 @@ def test_report_has_every_section_and_number(full: tuple[Path, dict, dict]) -> N
         assert "1.1380" in text  # observed back-test value with its 4 decimals
         assert "H100-hours" in text and f"{state['stages']['plan']['result']['N']:,}" in text
         assert "9 points from 3 sizes" in text
+        assert "bpb 1.9012 vs predicted 1.8890 [1.8501, 1.9302] — inside the 90% interval" in text
+        assert "error +0.65%; the ladder" in text and "seed noise is ±0.40%" in text
         assert "μTransfer stable: lr_opt ∝ width^" in text  # 5 lrs ×2 apart over 4× widths
         assert "The design this verdict needs:" in text
     assert "# @package _global_" in md and "```yaml" in md

@@ -168,7 +168,10 @@ class TrainConfig:
     eval_every_tokens: int = 0
     """Evaluate every this many tokens (0: 10 evaluations per run)."""
     eval_tokens: int = 16384
-    """Validation tokens per domain per evaluation (a fixed set)."""
+    """Validation tokens per domain per evaluation during training (a small fixed set)."""
+    final_eval_tokens: int = 0
+    """Validation tokens per domain of each finished point's evaluation (0: the whole
+    validation split): the number the fit uses, measured on a large fixed set."""
     min_steps: int = 0
     """Refuse budgets with fewer optimizer steps than this (0: no check)."""
     seed: int = 0
@@ -482,6 +485,11 @@ def resolve(cfg: RunConfig, vocab_size: int = 0) -> Resolved:
         problems.append(f"train.parallel={t.parallel!r}: choose one of {', '.join(PARALLEL)}")
     if t.nproc_per_node < 1:
         problems.append(f"train.nproc_per_node must be >= 1 (got {t.nproc_per_node})")
+    if t.eval_tokens < 1 or t.final_eval_tokens < 0:
+        problems.append(
+            f"train.eval_tokens must be >= 1 and train.final_eval_tokens >= 0 (0: the whole "
+            f"validation split); got {t.eval_tokens} and {t.final_eval_tokens}"
+        )
     if s.kind not in KINDS:
         problems.append(f"schedule.kind={s.kind!r}: choose one of {', '.join(KINDS)}")
     if s.decay not in DECAYS:

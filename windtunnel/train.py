@@ -285,22 +285,29 @@ class Trainer:
         check_memory(self.res, world)
         check_fsdp(self.res, world)
         self.engine = Engine.build(self.res, sample, world)
-        self.val = {
-            d.name: val_batches(
-                self.corpus,
-                d.name,
-                seq_len=cfg.data.seq_len,
-                n_tokens=cfg.train.eval_tokens,
-                batch_size=micro,
-            )
-            for d in self.corpus.domains
-        }
+
+        def val_sets(n_tokens: int) -> dict[str, list[tuple[Any, Any]]]:
+            return {
+                d.name: val_batches(
+                    self.corpus,
+                    d.name,
+                    seq_len=cfg.data.seq_len,
+                    n_tokens=n_tokens,
+                    batch_size=micro,
+                )
+                for d in self.corpus.domains
+            }
+
+        self.val = val_sets(cfg.train.eval_tokens)  # small and cheap: the curves, the pruner
+        # every finished point: the whole validation split (or final_eval_tokens per domain)
+        final = cfg.train.final_eval_tokens
+        self.val_final = self.val if final == cfg.train.eval_tokens else val_sets(final or 1 << 62)
         self.bytes_per_token = {d.name: d.bytes_per_token for d in self.corpus.domains}
         self.initial_val_loss = math.nan
 
     # -- helpers ---------------------------------------------------------------------------------
-    def eval_metrics(self) -> dict[str, float]:
-        losses = self.engine.evaluate(self.val)
+    def eval_metrics(self, *, final: bool = False) -> dict[str, float]:
+        losses = self.engine.evaluate(self.val_final if final else self.val)
         out: dict[str, float] = {}
         for d, loss in losses.items():
             out[f"val_loss/{d}"] = loss
@@ -486,7 +493,7 @@ class Trainer:
         res, step = self.res, self.engine.step
         assert step == res.points[i].total_steps, (step, res.points[i])
         tokens = step * res.tokens_per_step
-        metrics = self.eval_metrics()
+        metrics = self.eval_metrics(final=True)
         metrics["N"] = res.non_embedding_params
         seg.log(step, metrics, "eval")
         seg.run.flush()

@@ -67,13 +67,13 @@ FAMILY: tuple[tuple[str, int, int, int, int], ...] = (
 )
 
 
-def _shape(d: int, L: int, nq: int, nkv: int, vocab: int) -> Shape:
+def _shape(d: int, L: int, nq: int, nkv: int, vocab: int, d_head: int = D_HEAD) -> Shape:
     return Shape(
         n_layers=L,
         d_model=d,
         n_heads=nq,
         n_kv_heads=nkv,
-        d_head=D_HEAD,
+        d_head=d_head,
         d_ff=d_ff_for(d),
         vocab_size=vocab,
     )
@@ -94,18 +94,19 @@ def _family_depth(d: float) -> float:
 
 
 def choose_shape(
-    N: float, *, vocab_size: int = MINICPM_VOCAB, snap: float = 0.1
+    N: float, *, vocab_size: int = MINICPM_VOCAB, snap: float = 0.1, d_head: int = D_HEAD
 ) -> tuple[str, Shape]:
     """A MiniCPM-shaped decoder with ≈N non-embedding parameters.
 
     A family member within ``snap`` (relative) of N is used as is (the 1.2B keeps its GQA);
-    otherwise the width (a multiple of 64) whose exact-N depth is closest to the family's depth
-    at that width, with the depth rounded to hit N.
+    otherwise the width (a multiple of ``d_head``, 64 like MiniCPM's unless the proxies' heads
+    are smaller) whose exact-N depth is closest to the family's depth at that width, with the
+    depth rounded to hit N.
     """
     if not N > 0:
         raise InputError(f"target parameter count must be positive, got {N}")
     best = None
-    for label, d, L, q, kv in FAMILY:
+    for label, d, L, q, kv in FAMILY if d_head == D_HEAD else ():
         s = _shape(d, L, q, kv, vocab_size)
         err = abs(math.log(non_embedding_params(s) / N))
         if err <= math.log1p(snap) and (best is None or err < best[0]):
@@ -113,21 +114,26 @@ def choose_shape(
     if best is not None:
         return best[1], best[2]
     cands = []
-    for d in range(D_HEAD, 32768 + 1, D_HEAD):
-        per_layer = non_embedding_params(_shape(d, 1, d // D_HEAD, d // D_HEAD, vocab_size)) - d
+    h = d_head
+
+    def shape(d: int, L: int) -> Shape:
+        return _shape(d, L, d // h, d // h, vocab_size, h)
+
+    for d in range(h, 32768 + 1, h):
+        per_layer = non_embedding_params(shape(d, 1)) - d
         L_exact = (N - d) / per_layer
         if L_exact < 1:
             continue
         L = max(1, round(L_exact))
-        n_err = abs(
-            non_embedding_params(_shape(d, L, d // D_HEAD, d // D_HEAD, vocab_size)) / N - 1
-        )
-        # prefer shapes within 3% of N, then the family's depth-to-width ratio
-        cands.append((n_err > 0.03, abs(math.log(L_exact / _family_depth(d))), n_err, d, L))
+        n_err = abs(non_embedding_params(shape(d, L)) / N - 1)
+        # prefer shapes within 3% of N, else the nearest 10% band of N (tiny models, where
+        # whole layers are coarse steps), then the family's depth-to-width ratio
+        band = round(n_err, 1) if n_err > 0.03 else 0.0
+        cands.append((n_err > 0.03, band, abs(math.log(L_exact / _family_depth(d))), n_err, d, L))
     if not cands:
         raise InputError(f"no MiniCPM-shaped model has {N:.3g} non-embedding parameters")
     *_, d, L = min(cands)
-    s = _shape(d, L, d // D_HEAD, d // D_HEAD, vocab_size)
+    s = shape(d, L)
     n = non_embedding_params(s)
     unit, scale = next((u, x) for u, x in (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)) if n >= x)
     return f"planned-{n / scale:.3g}{unit}", s
@@ -199,8 +205,9 @@ class Plan:
                 "max_seq_len": self.seq_len,
                 "tie_embeddings": True,
                 "mup": True,
-                "dim_model_base": DIM_MODEL_BASE,
                 **self.mup,
+                # an int in the schema (a state file's round trip makes every μP value a float)
+                "dim_model_base": int(self.mup.get("dim_model_base", DIM_MODEL_BASE)),
             },
             "data": {"seq_len": self.seq_len},
             "optim": {"lr": self.lr, "batch_size": self.batch_size},
@@ -297,11 +304,14 @@ def make_plan(
     batch_tokens: float | None = None,
     name: str | None = None,
     mup: dict[str, float] | None = None,
+    d_head: int = D_HEAD,
     refuse: bool = True,
 ) -> Plan:
     """Plan the full run from a loaded fit file (see :func:`load_fit_file`).
 
-    ``batch_tokens`` sets the batch (tokens per step) instead of the batch-size law. The plan is
+    ``batch_tokens`` sets the batch (tokens per step) instead of the batch-size law; ``mup``
+    holds the proxies' μP settings (``dim_model_base`` included: the width multiplier is taken
+    from it) and ``d_head`` their head size (the planned model's widths are multiples of it). The plan is
     checked against the fit's ranges (:mod:`~windtunnel.scaling.plancheck`); a plan the checks
     refuse raises :class:`PlanRefusedError`, or with ``refuse=False`` is returned with the
     refusal among its warnings (``Plan.refused``), for a report to show.
@@ -332,7 +342,7 @@ def make_plan(
         assert tokens is not None  # one of the three is given (checked above)
         al = optimal_for_tokens(law, float(tokens))
         N_t, D_t = al.N_opt, float(tokens)
-    label, shape = choose_shape(N_t, vocab_size=vocab_size)
+    label, shape = choose_shape(N_t, vocab_size=vocab_size, d_head=d_head)
     N = non_embedding_params(shape)
     if budget_flops is not None:
         D_t = float(budget_flops) / (6.0 * N)  # spend the budget on the shape actually chosen
@@ -394,13 +404,13 @@ def make_plan(
         batch_size=batch_size,
         seq_len=seq_len,
         lr=base_lr,
-        width_multiplier=shape.d_model / DIM_MODEL_BASE,
+        width_multiplier=shape.d_model / float((mup or {}).get("dim_model_base", DIM_MODEL_BASE)),
         gpu=gpu.lower(),
         mfu=mfu,
         gpu_hours=C_exact / (peak * mfu) / 3600.0,
         target=str(fit["fit"].get("target", "loss")),
         notes=notes,
-        mup={k: float(v) for k, v in (mup or {}).items()},
+        mup={k: int(v) if k == "dim_model_base" else float(v) for k, v in (mup or {}).items()},
         warnings=warnings,
         steps=int(D // (batch_size * seq_len)),
         tokens_per_param_interval=tpp_interval,

@@ -24,7 +24,13 @@ from typing import Any
 from windtunnel import compat
 from windtunnel.launch.options import with_ranks
 from windtunnel.sweep.parent import SweepSummary, close_parent, open_parent
-from windtunnel.sweep.resources import apply_rule, model_params, rule_index, rule_launcher
+from windtunnel.sweep.resources import (
+    apply_rule,
+    model_params,
+    rule_index,
+    rule_launcher,
+    trial_flops,
+)
 from windtunnel.sweep.spec import (
     ResourceRule,
     SweepSpec,
@@ -81,25 +87,30 @@ class Driver:
         grid = self.s.sampler.kind == "grid"
         self.dists = distributions(self.s.space, grid=grid)
         self.n_target = min(self.s.n_trials, grid_size(self.s.space)) if grid else self.s.n_trials
-        if grid:
-            self._enqueue_grid()
-        self.view = view
         self.template: TrialTemplate = template or trial_template(spec)
+        if grid:
+            self._enqueue_grid(self.template)
+        self.view = view
         self.active: dict[int, tuple[Any, OptunaTrial]] = {}  # trial number → (handle, job)
         self.launchers: dict[str | None, Any] = {}  # the trials' launcher options → a launcher
         self.failures: dict[int, str] = {}
+        self.started: dict[int, float] = {}  # trial number → when its job was submitted
+        self.busy_s = 0.0  # trial-seconds × threads, of jobs collected in this run
         self.parent = None
         self.tracker = None
 
-    def _enqueue_grid(self) -> None:
-        """Queue the grid points the study has not seen yet (so a resumed grid continues)."""
+    def _enqueue_grid(self, template: TrialTemplate) -> None:
+        """Queue the grid points the study has not seen yet (so a resumed grid continues),
+        the most expensive first: with trials of very different cost (a ladder's sizes), the
+        longest one starts at once and the short ones fill the other slots around it, instead
+        of the longest running alone at the end while the other slots idle."""
         seen = [  # a queued (WAITING) trial keeps its point in system_attrs, not params
             t.params or t.system_attrs.get("fixed_params", {})
             for t in self.study.get_trials(deepcopy=False)
         ]
-        for point in grid_points(self.s.space)[: self.n_target]:
-            if point not in seen:
-                self.study.enqueue_trial(point)
+        points = [p for p in grid_points(self.s.space)[: self.n_target] if p not in seen]
+        for point in longest_first(self.spec, template, points):
+            self.study.enqueue_trial(point)
 
     def _n_started(self) -> int:
         from optuna.trial import TrialState
@@ -107,10 +118,18 @@ class Driver:
         return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
 
     # -- the trial's job ------------------------------------------------------------------------
-    def _job(self, trial_id: int, number: int, params: dict[str, Any]) -> OptunaTrial:
+    @property
+    def local(self) -> bool:
+        return self.spec.launcher.name in ("local", "inline")
+
+    def _threads(self) -> int:
         threads = self.s.threads_per_trial
-        if not threads and self.spec.launcher.name in ("local", "inline"):
+        if not threads and self.local:
             threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
+        return threads
+
+    def _job(self, trial_id: int, number: int, params: dict[str, Any]) -> OptunaTrial:
+        threads = self._threads()
         parent = self.parent.run_id if self.parent else None
         config = self.template.config(number, params, parent_run_id=parent, threads=threads)
         config = apply_rule(config, trial_rule(self.spec, config))
@@ -202,12 +221,14 @@ class Driver:
         if resumed:
             trial.set_user_attr("wt.resumed", True)
         self.active[number] = (self._launcher(job.spec.config).submit(job), job)
+        self.started.setdefault(number, time.time())
 
     def _collect(self, number: int) -> None:
         import optuna
         from optuna.trial import TrialState
 
         handle, job = self.active.pop(number)
+        self.busy_s += (time.time() - self.started.pop(number, time.time())) * self._threads()
         trial = optuna.Trial(self.study, job.trial_id)
         try:
             out: TrialResult = handle.result(timeout=60)
@@ -267,6 +288,11 @@ class Driver:
             seconds=seconds,
             failures=failures,
             review=f"optuna-dashboard {self.url.removeprefix('journal:')}",
+            core_busy=(
+                min(1.0, self.busy_s / (seconds * (os.cpu_count() or 1)))
+                if self.local and seconds > 0 and self.busy_s > 0
+                else None
+            ),
         )
 
     def _close_parent(self, summary: SweepSummary) -> None:
@@ -287,6 +313,21 @@ def trial_ranks(spec: SweepSpec, template: TrialTemplate) -> None:
                 "sweep.engine=optuna and launcher=slurm or launcher=local"
             )
         trial_options(spec, cfg)
+
+
+def longest_first(
+    spec: SweepSpec, template: TrialTemplate, points: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Grid points in decreasing training FLOPs of their trial (ties keep the grid's order)."""
+
+    def cost(point: dict[str, Any]) -> float:
+        cfg = template.config(0, point)
+        try:
+            return trial_flops(apply_rule(cfg, trial_rule(spec, cfg)))
+        except ValueError:  # an invalid run: its trial fails with the reason, in grid order
+            return 0.0
+
+    return sorted(points, key=cost, reverse=True)
 
 
 def trial_rule(spec: SweepSpec, cfg: Any) -> ResourceRule | None:

@@ -30,6 +30,9 @@ class SweepSummary:
     failures: dict[int, str] = field(default_factory=dict)
     review: str = ""
     """How to look at the study: the optuna-dashboard command for its storage."""
+    core_busy: float | None = None
+    """Share of this machine's cores the trials kept busy over the sweep's wall-clock (local
+    launchers; None elsewhere): low when slots idle, e.g. a long trial running alone."""
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict

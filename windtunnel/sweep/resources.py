@@ -48,3 +48,13 @@ def ranks(opts: LauncherOptions, cfg: RunConfig) -> int:
     if isinstance(opts, SlurmOptions):
         return with_ranks(opts, cfg.train.nproc_per_node).world_size  # type: ignore[attr-defined]
     return cfg.train.nproc_per_node
+
+
+def trial_flops(cfg: RunConfig) -> float:
+    """Training FLOPs of a trial's run: the trunk to its last branch point plus every decay
+    branch (what the dry run counts, and what orders a grid longest first)."""
+    from windtunnel.config import resolve
+    from windtunnel.estimate import trained_tokens
+
+    res = resolve(cfg, cfg.data.vocab_size)
+    return float(trained_tokens(res) * res.flops_per_token)

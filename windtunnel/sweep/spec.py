@@ -45,6 +45,10 @@ class ParamConfig:
     """Values of a categorical parameter."""
     grid: list[Any] = field(default_factory=list)
     """Values tried by the grid sampler (defaults to ``choices``)."""
+    set: dict[str, list[str]] = field(default_factory=dict)
+    """Run overrides of the trials that take a choice, for a parameter that picks a config
+    group: e.g. a ladder's token range per size, the small rungs taken far out
+    (``{micro_xxs: ["train.branch_tokens_per_param=[10,40,160]"]}``)."""
 
 
 @dataclass(kw_only=True)

@@ -21,8 +21,23 @@ def trial_template(spec: SweepSpec) -> TrialTemplate:
                 f"sweep.space.{g} picks the config group {keys[g]}: make it categorical"
             )
     options = [list(dict.fromkeys([*s.space[g].choices, *s.space[g].grid])) for g in groups]
+    for name, p in s.space.items():
+        if p.set and name not in groups:
+            raise ValueError(
+                f"sweep.space.{name}.set: per-choice run overrides need a parameter that picks "
+                f"a config group ({', '.join(sorted(group_names))})"
+            )
+        unknown = sorted(set(p.set) - {str(c) for c in [*p.choices, *p.grid]})
+        if unknown:
+            raise ValueError(f"sweep.space.{name}.set names {unknown}, not among its choices")
     configs = {
-        combo: compose_run([*spec.run, *(as_override(keys[g], v) for g, v in zip(groups, combo))])
+        combo: compose_run(
+            [
+                *spec.run,
+                *(as_override(keys[g], v) for g, v in zip(groups, combo)),
+                *(o for g, v in zip(groups, combo) for o in s.space[g].set.get(str(v), [])),
+            ]
+        )
         for combo in itertools.product(*options)
     }
     return TrialTemplate(

@@ -71,7 +71,7 @@ def build(state: dict[str, Any]) -> tuple[list[list[str]], list[Section]]:
         else:
             note = _reason(state, stage.name, s)
             missing.append(f"{stage.name} — {st_}: {note}")
-        rows.append([stage.name, st_, duration(s.get("seconds")), note])
+        rows.append([stage.name, st_, duration(s.get("seconds")), _cores(s), note])
     sections: list[Section] = []
     for stage in sorted(STAGES, key=lambda x: x.appendix):  # stable: registry order otherwise
         s = state.get("stages", {}).get(stage.name) or {}
@@ -86,6 +86,12 @@ def build(state: dict[str, Any]) -> tuple[list[list[str]], list[Section]]:
     if missing:
         sections.append(("Stages without a result", [("list", missing)]))
     return rows, sections
+
+
+def _cores(s: dict[str, Any]) -> str:
+    """The share of the machine's cores a sweep stage kept busy (— where not measured)."""
+    share = ((s.get("result") or {}).get("summary") or {}).get("core_busy")
+    return f"{share:.0%}" if isinstance(share, (int, float)) else "—"
 
 
 def _settings(state: dict[str, Any]) -> str:
@@ -160,7 +166,7 @@ def write_report(folder: Path, state: dict[str, Any]) -> dict[str, Path]:
     title = f"Wind tunnel: {t.get('name', folder.name)}"
     desc, settings = str(t.get("description") or ""), _settings(state)
     rows, sections = build(state)
-    summary: Block = ("table", ["stage", "status", "time", "result"], rows)
+    summary: Block = ("table", ["stage", "status", "time", "cores busy", "result"], rows)
     e = html.escape
     parts = [f"<h1>{e(title)}</h1>"]
     parts += [f'<p class="desc">{e(x)}</p>' for x in (desc, settings) if x]

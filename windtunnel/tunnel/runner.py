@@ -22,7 +22,7 @@ from typing import Any
 
 from windtunnel.files import LockHeld, acquire, atomic_write
 from windtunnel.tunnel.spec import TunnelSpec
-from windtunnel.tunnel.stage import Context, Stage, TunnelError, say
+from windtunnel.tunnel.stage import Context, PureStage, Stage, TunnelError, say
 from windtunnel.tunnel.stages import NAMES, STAGES
 
 STATE_VERSION = 1
@@ -141,13 +141,16 @@ def _run_stage(ctx: Context, stage: Stage[Any], path: Path, only: list[str] | No
         return
     key = stage_key(ctx, stage)
     if prev.get("status") == "done":
-        if prev.get("key") != key:
+        if prev.get("key") != key and isinstance(stage, PureStage):
+            say(f"{name}: its settings or inputs changed; computing it again (seconds)")
+        elif prev.get("key") != key:
             raise TunnelError(
                 f"stage {name} already finished with other settings or inputs; keep them, or "
                 f"start a new tunnel (tunnel.name=...), or delete {ctx.folder} to redo it"
             )
-        say(f"{name}: done before, skipped")
-        return
+        else:
+            say(f"{name}: done before, skipped")
+            return
     say(f"{name}: running")
     stages[name] = {"status": "running", "key": key}
     save_state(path, ctx.state)

@@ -41,6 +41,10 @@ class SweepStage:
     """Overrides of that sweep spec (``sweep.n_trials=8``) and of its runs (``model=micro_s``)."""
     lr_factors: list[float] = field(default_factory=list)
     """lr_transfer only: lr grid as multiples of the μP search's best lr (empty: the spec's)."""
+    seeds: int = 1
+    """ladder and verify: train every size (the planned run) this many times (seeds 0…k−1:
+    different init and data
+    order); the repeats measure the noise floor that every error is read against."""
     resources: list[ResourceRule] = field(default_factory=list)
     """Resources per model size of this stage's trials (see ``sweep.resources``): e.g. pack
     the small rungs 8 per job, give the large ones 8 GPUs each."""
@@ -56,6 +60,9 @@ class FitStage:
     bootstrap: int = 200
     """Bootstrap refits for the intervals."""
     seed: int = 0
+    extra_budgets: list[float] = field(default_factory=list)
+    """Budgets (FLOPs) to show the compute-optimal allocation at besides the plan's, each
+    with its interval and extrapolation factor (e.g. the 1e21 a CPU tunnel cannot verify)."""
 
 
 @dataclass(kw_only=True)
@@ -63,10 +70,16 @@ class PlanStage:
     enabled: bool = True
     budget_flops: float = 1e21
     """Compute budget of the full run (FLOPs)."""
+    params: float = 0
+    """Plan this model size instead of the compute-optimal one (with ``tokens``: both fixed)."""
+    tokens: float = 0
+    """Plan this many tokens instead of the compute-optimal count."""
     gpu: str = "h100"
     mfu: float = 0.4
     seq_len: int = 4096
     vocab_size: int = 122_753
+    batch_tokens: float = 0
+    """Tokens per optimizer step of the planned run (0: from the batch-size law)."""
     proxy_mfu: float = 0.2
     """MFU assumed for the proxies' GPU-hours in ``--dry-run`` (measured on an H100: 9M proxy 22%
     compiled, 0.5B 49%; docs/benchmarks.md)."""
@@ -104,6 +117,9 @@ class TunnelConfig:
     fit: FitStage = field(default_factory=FitStage)
     plan: PlanStage = field(default_factory=PlanStage)
     backtest: BacktestStage = field(default_factory=BacktestStage)
+    verify: SweepStage = field(default_factory=lambda: SweepStage(sweep="verify", enabled=False))
+    """Train the planned run and compare its loss with the prediction (a forward check); off
+    unless enabled, since the planned run is the full run at paper scale."""
     skip: list[str] = field(default_factory=list)
     """Stages not to run (same as ``<stage>.enabled=false``)."""
 
@@ -150,6 +166,20 @@ class TunnelSpec:
             )
         if not 0 < t.backtest.level < 1:
             problems.append(f"tunnel.backtest.level={t.backtest.level}: in (0, 1), e.g. 0.9")
+        for s in ("ladder", "verify"):
+            k = getattr(t, s).seeds
+            if not 1 <= k <= 16:
+                problems.append(f"tunnel.{s}.seeds={k}: 1 to 16 runs (seeds)")
+        if (
+            not t.plan.budget_flops > 0
+            or min(t.plan.batch_tokens, t.plan.params, t.plan.tokens) < 0
+        ):
+            problems.append(
+                "tunnel.plan.budget_flops must be > 0, and batch_tokens, params and tokens >= 0 "
+                "(0: from the laws)"
+            )
+        if any(not b > 0 for b in t.fit.extra_budgets):
+            problems.append(f"tunnel.fit.extra_budgets={t.fit.extra_budgets}: FLOPs, all > 0")
         if any(f <= 0 for f in t.lr_transfer.lr_factors):
             problems.append("tunnel.lr_transfer.lr_factors must be positive")
         if problems:

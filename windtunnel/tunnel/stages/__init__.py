@@ -1,7 +1,8 @@
 """The stages of a tunnel, one module each, in the order they run (:data:`STAGES`).
 
 Sweeps that train (μP search → μTransfer check → batch-size law → WSD ladder), then pure steps
-that read what they left (fit → plan → back-test). Each module holds its
+that read what they left (fit → plan → back-test), then the forward check that trains the plan
+(verify). Each module holds its
 :class:`~windtunnel.tunnel.stage.Stage`, its result dataclass and its helpers; adding a stage is
 adding a module and its entry here (and its settings as ``tunnel.<name>`` in the spec).
 """
@@ -19,6 +20,7 @@ from windtunnel.tunnel.stages import (
     lr_transfer,
     mup_search,
     plan,
+    verify,
 )
 
 STAGES: tuple[Stage[Any], ...] = (
@@ -29,6 +31,7 @@ STAGES: tuple[Stage[Any], ...] = (
     fit.STAGE,
     plan.STAGE,
     backtest.STAGE,
+    verify.STAGE,
 )
 """Every stage, in the order a tunnel runs them."""
 

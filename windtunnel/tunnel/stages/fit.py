@@ -46,7 +46,7 @@ class Fit(PureStage[FitResult]):
             df,
             target=f.target,
             form=f.form,
-            budgets=(p.budget_flops,),
+            budgets=(p.budget_flops, *f.extra_budgets),
             n_boot=f.bootstrap,
             seed=f.seed,
         )
@@ -130,6 +130,22 @@ def _ratio(s: dict[str, Any]) -> list[Block]:
     level = f"{(s.get('bootstrap') or {}).get('level') or 0.95:.0%}"
     tpp = civ.get("tokens_per_param")
     within = f" ({level} interval {tpp[0]:.1f}–{tpp[1]:.1f})" if tpp else " (no interval)"
+    top = ((s.get("data_range") or {}).get("C") or [0.0, 0.0])[1]
+    rows = []
+    for key, a in s["allocation"].items():
+        ci = (s.get("intervals") or {}).get(f"C={key}") or {}
+        factor = float(a["C"]) / top if top else 0.0
+        rows.append(
+            [
+                f"{float(a['C']):.3g}",
+                f"{factor:.2g}×" if top else "?",
+                size(a["N_opt"]),
+                size(a["D_opt"]),
+                f"{a['tokens_per_param']:.1f} {iv(ci.get('tokens_per_param'), lambda x: f'{x:.1f}')}",
+                f"{num(a['loss'])} {iv(ci.get('loss'))}",
+                "extrapolation, not a finding" if factor > EXTRAPOLATION_WARN else "",
+            ]
+        )
     out: list[Block] = [
         f"At C = {alloc['C']:.3g} FLOPs the compute-optimal run trains "
         f"{alloc['tokens_per_param']:.1f} tokens per parameter{within}: "
@@ -137,6 +153,22 @@ def _ratio(s: dict[str, Any]) -> list[Block]:
         f"N_opt ∝ C^{s['a']:.3f} and D_opt ∝ C^{s['b']:.3f}. For reference, Chinchilla "
         "found ≈20 tokens per parameter and MiniCPM ≈192 on their data."
     ]
+    if len(rows) > 1:
+        out.append(
+            (
+                "table",
+                [
+                    "budget C (FLOPs)",
+                    "× fitted compute",
+                    "N_opt",
+                    "D_opt",
+                    f"tokens/param [{level}]",
+                    f"predicted {s['target']} [{level}]",
+                    "",
+                ],
+                rows,
+            )
+        )
     factor = extrapolation(s)
     if factor > EXTRAPOLATION_WARN:
         out.append(

@@ -8,7 +8,9 @@ from typing import Any
 
 import pandas as pd
 
+from windtunnel.sweep.spec import ParamConfig, SweepSpec, grid_size
 from windtunnel.tunnel.render import Block, images, table
+from windtunnel.tunnel.spec import TunnelSpec
 from windtunnel.tunnel.stage import Context, TunnelError
 from windtunnel.tunnel.stages.mup_search import AfterSearch
 from windtunnel.tunnel.stages.sweeps import SweepResult, compact, finished, records
@@ -26,14 +28,34 @@ class LadderPoint:
     loss: float
     bpb: float
     run_id: str | None = None
+    seed: int = 0
+    """``train.seed`` of the run (init and data order): repeats measure the noise floor."""
 
 
 @dataclass(kw_only=True)
 class LadderResult(SweepResult):
     points: list[LadderPoint] = field(default_factory=list)
+    noise_sd: float = 0.0
+    """Pooled standard deviation of log(target) across seeds at equal (N, D) (0: no repeats)."""
+    noise_dof: int = 0
+    dim_model_base: int = 0
+    """The proxies' μP base width (0: unknown, results from before it was kept)."""
+    d_head: int = 0
+    """The proxies' head size (0: unknown): the planned model keeps it."""
 
 
 POINT_COLUMNS = [f.name for f in LadderPoint.__dataclass_fields__.values()]
+
+
+def with_seeds(spec: SweepSpec, k: int) -> SweepSpec:
+    """The ladder's sweep with a seed dimension (``train.seed`` 0…k−1) when k > 1."""
+    if k > 1:
+        spec.sweep.space["seed"] = ParamConfig(
+            key="train.seed", kind="categorical", choices=list(range(k))
+        )
+        spec.sweep.n_trials = grid_size(spec.sweep.space)
+        spec.validate()
+    return spec
 
 
 def ladder_points(trials: list[dict[str, Any]]) -> pd.DataFrame:
@@ -41,6 +63,7 @@ def ladder_points(trials: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for t in finished(trials):
         model = t["config"]["model"]["name"]
+        seed = int((t["config"].get("train") or {}).get("seed", 0))
         for b in t["result"]["branches"]:
             rows.append(
                 {
@@ -51,6 +74,7 @@ def ladder_points(trials: list[dict[str, Any]]) -> pd.DataFrame:
                     "loss": float(b["val_loss"]),
                     "bpb": float(b["val_bpb"]),
                     "run_id": b["run_id"],
+                    "seed": seed,
                 }
             )
     return pd.DataFrame(rows, columns=POINT_COLUMNS)
@@ -62,34 +86,81 @@ class Ladder(AfterSearch[LadderResult]):
     titles = ("Ladder points",)
     appendix = True  # the raw data: after the findings
 
+    def spec(self, ctx: Context) -> SweepSpec:
+        return with_seeds(super().spec(ctx), self.settings(ctx.tf).seeds)
+
+    def estimate_spec(self, tf: TunnelSpec) -> SweepSpec:
+        return with_seeds(super().estimate_spec(tf), self.settings(tf).seeds)
+
     def run(self, ctx: Context) -> LadderResult:
+        from windtunnel.scaling.intervals import seed_noise
         from windtunnel.tunnel import plots
 
         summary, trials = self.sweep(ctx, self.spec(ctx))
         df = ladder_points(trials)
         df.to_csv(ctx.folder / "ladder_points.csv", index=False)
+        sd, dof = seed_noise(df, target=ctx.tf.tunnel.fit.target) if len(df) else (0.0, 0)
         return LadderResult(
             summary=summary,
             trials=compact(trials),
             points=[LadderPoint(**r) for r in records(df)],
             plots=[str(plots.ladder_curves(trials, ctx.plots(), ctx.tf.tunnel.fit.target))],
+            noise_sd=sd,
+            noise_dof=dof,
+            **family(trials),
         )
 
     def headline(self, r: LadderResult) -> str:
         sizes = sorted({p.model for p in r.points})
-        return f"{len(r.points)} points from {len(sizes)} sizes ({', '.join(sizes)})"
+        line = f"{len(r.points)} points from {len(sizes)} sizes ({', '.join(sizes)})"
+        seeds = len({p.seed for p in r.points})
+        if r.noise_dof:
+            line += f"; {seeds} seeds: noise floor ±{r.noise_sd:.2%}"
+        return line
 
     def section(self, r: LadderResult, title: str) -> list[Block]:
-        pts = sorted(r.points, key=lambda p: (p.N, p.D))
+        pts = sorted(r.points, key=lambda p: (p.N, p.D, p.seed))
+        ratios: dict[str, set[int]] = {}
+        for p in pts:
+            ratios.setdefault(p.model, set()).add(round(p.D / p.N))
+        span = "; ".join(f"{m} {min(v)}–{max(v)}" for m, v in ratios.items())
         return [
-            f"{len(pts)} decayed points (one per WSD decay branch) — the data behind the fit.",
+            f"{len(pts)} decayed points (one per WSD decay branch) — the data behind the fit. "
+            f"Tokens per parameter by size: {span}.",
+            noise_sentence(r),
             table(
-                "model|N|D|D/N|C (FLOPs)|loss|bpb",
+                "model|seed|N|D|D/N|C (FLOPs)|loss|bpb",
                 [{**asdict(p), "ratio": p.D / p.N} for p in pts],
-                "model N D ratio C loss bpb",
+                "model seed N D ratio C loss bpb",
             ),
             *images(r.plots, "ladder"),
         ]
+
+
+def family(trials: list[dict[str, Any]]) -> dict[str, int]:
+    """The proxies' μP base width and head size (what the planned model keeps)."""
+    model = next((t["config"]["model"] for t in finished(trials)), {})
+    return {k: int(model.get(k) or 0) for k in ("dim_model_base", "d_head")}
+
+
+def proxy_family(ctx: Context) -> dict[str, int]:
+    """``family`` of the finished ladder (zeros when unknown)."""
+    r = ctx.result(STAGE)
+    return {"dim_model_base": r.dim_model_base, "d_head": r.d_head} if r else {}
+
+
+def noise_sentence(r: LadderResult) -> str:
+    """The noise floor, measured or not: what every error in the report is read against."""
+    if r.noise_dof:
+        return (
+            f"Noise floor: runs that differ only in seed (init and data order) differ by "
+            f"±{r.noise_sd:.2%} (pooled s.d. of log target, {r.noise_dof} degrees of freedom); "
+            "an error below this is noise, not a miss."
+        )
+    return (
+        "Noise floor: not measured (one seed per size): the report cannot tell a small error "
+        "from seed noise; set tunnel.ladder.seeds=2 or more to measure it."
+    )
 
 
 STAGE = Ladder()

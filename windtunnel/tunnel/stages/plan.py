@@ -10,7 +10,7 @@ from windtunnel.scaling.plan import Plan
 from windtunnel.tunnel.render import Block, iv, loss, size
 from windtunnel.tunnel.spec import PlanStage
 from windtunnel.tunnel.stage import Context, PureStage, TunnelError
-from windtunnel.tunnel.stages import fit, mup_search
+from windtunnel.tunnel.stages import fit, ladder, mup_search
 
 
 @dataclass
@@ -41,15 +41,24 @@ class PlanFullRun(PureStage[PlanResult]):
             for k, v in mup_search.best_params(ctx).items()
             if k.startswith("model.")
         }
+        proxies = ladder.proxy_family(ctx)
+        if proxies.get("dim_model_base"):  # the lr found transfers from the proxies' base width
+            mup["dim_model_base"] = proxies["dim_model_base"]
         plan = make_plan(  # a refused plan is reported (headline, section), not raised
             load_fit_file(found.fit_file),
             refuse=False,
-            budget_flops=p.budget_flops,
+            **(  # a fixed size and/or token count, else compute-optimal at the budget
+                {"params": p.params or None, "tokens": p.tokens or None}
+                if p.params or p.tokens
+                else {"budget_flops": p.budget_flops}
+            ),
             gpu=p.gpu,
             mfu=p.mfu,
             seq_len=p.seq_len,
             vocab_size=p.vocab_size,
+            batch_tokens=p.batch_tokens or None,
             mup=mup,
+            **({"d_head": proxies["d_head"]} if proxies.get("d_head") else {}),
             name=f"{ctx.tf.tunnel.name}_full",
         )
         out = ctx.folder / "plan"

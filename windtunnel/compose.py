@@ -108,11 +108,9 @@ def hydra_message(e: BaseException, schema: type | None = None) -> str:
             return f"{key.group(1)}: {first}"
         section: Any = schema
         for part in key.group(1).split(".")[:-1]:  # the dataclass of the key's section
-            fields = {f.name: f for f in dataclasses.fields(section)} if section else {}
-            f = fields.get(part)
-            section = (
-                f.default_factory if f and dataclasses.is_dataclass(f.default_factory) else None
-            )  # type: ignore[misc]
+            f = {f.name: f for f in dataclasses.fields(section)}.get(part) if section else None
+            factory = f.default_factory if f else None
+            section = factory if dataclasses.is_dataclass(factory) else None
         valid = sorted(f.name for f in dataclasses.fields(section)) if section else []
         where = key.group(1).rpartition(".")[0] or "the config"
         keys = f"; the keys of {where}: {', '.join(valid)}" if valid else ""

@@ -287,6 +287,11 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "replay bad uri": (["replay", "--tracking-uri", "localhost:5000"], ["--tracking-uri"]),
     "server bad action": (["server", "restart"], ["restart", "start"]),
     "tunnel unknown stage": (["tunnel", "demo", "--stage", "fitt"], ["fitt", "fit"]),
+    "tunnel unknown setting": (
+        ["tunnel", "demo", "tunnel.nope=1", "--dry-run"],
+        ["tunnel.nope", "ladder"],
+    ),
+    "sweep no trials": (["sweep", "smoke", "sweep.n_trials=0"], ["sweep.n_trials", "≥ 1"]),
     "tunnel as experiment": (["tunnel", "experiment=demo"], ["by position"]),
     "status unknown tunnel": (["status", "nope"], ["no spec", "demo"]),
     "export missing run": (["export", "/nonexistent/run", "out"], ["RUN_DIR", "does not exist"]),

@@ -4,6 +4,11 @@ configs, call the library, print. No library module imports this one.
 Commands that run things take Hydra overrides (``windtunnel train model=micro_m optim.lr=3e-3``)
 and print, as their last stdout line, one JSON object. Heavy imports (torch, mlflow) happen
 inside the commands so that ``windtunnel --help`` answers at once.
+
+Bad input is refused where it enters: every numeric and path option has a check from
+:mod:`windtunnel.cli.checks` (its range shown by ``--help``), and :func:`main` turns the library's
+user errors (``ValueError`` and its kin, see :data:`USER_ERRORS`) into one stderr line and exit 2.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -621,7 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except SystemExit as e:  # argparse: --help (0) or a mistake already said in one line (2)
-        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        raise
     except BrokenPipeError:
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE

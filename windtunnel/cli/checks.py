@@ -224,13 +224,16 @@ out_file: Check[Path] = Check(_writable("file"), "a file to write (its folder is
 
 
 def uri(text: str) -> str:
-    """A tracking URI: ``http(s)://HOST[:PORT]`` or ``file:PATH`` (empty: the default)."""
-    if text and not re.match(r"^(https?://[^\s/]+|file:\S+)", text):
+    """A tracking URI (empty: the default). A server is ``http(s)://HOST:PORT``; a store is
+    ``sqlite:///FILE``, ``file:PATH`` or a folder. ``HOST:PORT`` alone (no scheme) is refused."""
+    if re.match(r"^[\w.-]+:\d+/?$", text):
+        raise ArgumentProblem(f"has no scheme (a server is http://{text})")
+    if re.search(r"\s", text) or re.match(r"^https?://(:|/|$)", text):
         raise ArgumentProblem("is not a URI")
     return text
 
 
-tracking_uri: Check[str] = Check(uri, "http(s)://HOST[:PORT] or file:PATH")
+tracking_uri: Check[str] = Check(uri, "http(s)://HOST:PORT, sqlite:///FILE, file:PATH or a folder")
 
 
 # -- the parser ----------------------------------------------------------------------------------

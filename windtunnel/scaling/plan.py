@@ -360,7 +360,8 @@ def make_plan(
             "(--budget-flops, --tokens)"
         )
     D = int(round(D_t))
-    loss = float(law.predict(N, D))
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, not warned about
+        loss = float(law.predict(N, D))
     if not math.isfinite(loss):
         raise PlanRefusedError(
             f"the fit predicts a {fit['fit'].get('target', 'loss')} of {loss} at N = {N:.3g}, "

@@ -35,6 +35,25 @@ def tiny_overrides(tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+def local_sweep(tmp: Path, *run: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """``(overrides, command, environment)`` of a 4-trial smoke sweep on this machine (two at a
+    time, random sampler, no pruner) of tiny runs, as a subprocess runs it."""
+    import os
+    import sys
+
+    args = [
+        f"sweep.dir={tmp}/sweeps",
+        "launcher=local",
+        "sweep.n_trials=4",
+        "sweep.parallelism=2",
+        "sweep.pruner.kind=none",
+        "sweep.sampler.kind=random",
+        *tiny_overrides(tmp, *run),
+    ]
+    cmd = [sys.executable, "-m", "windtunnel", "sweep", str(REPO / "sweeps/smoke.yaml"), *args]
+    return args, cmd, {**os.environ, "WINDTUNNEL_NO_PROGRESS": "1"}
+
+
 def journal_metrics(path: Path) -> dict[str, dict[int, float]]:
     """metric name → {step: value} from a run journal (the last value per step wins)."""
     out: dict[str, dict[int, float]] = {}

@@ -397,7 +397,8 @@ def test_cli_errors_are_one_line(safetensors, tmp_path, capsys) -> None:
     assert "no checkpoint of a finished model" in _error(capsys, ["export", str(run), out])
     assert "--to 'gguf'" in _error(capsys, ["export", str(run), "--to", "gguf", out])
     missing = str(tmp_path / "nope")
-    assert "no checkpoint at" in _error(capsys, ["export", str(run), out, "--checkpoint", missing])
+    err = _error(capsys, ["export", str(run), out, "--checkpoint", missing])
+    assert "--checkpoint" in err and "does not exist" in err  # refused where it enters
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     run2, _, _ = make_run(tmp_path, seed=1)

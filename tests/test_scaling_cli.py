@@ -61,8 +61,12 @@ def test_user_errors_are_one_line_without_traceback(csv, tmp_path, capsys):
     pd.DataFrame({"N": [1e8] * 8, "D": np.geomspace(1e9, 1e11, 8), "loss": 3.0}).to_csv(one)
     assert fit_main(["--input", str(one), "--bootstrap", "0"]) == 2
     assert "α is not identifiable" in capsys.readouterr().err
-    assert plan_main(["--fit", str(tmp_path / "nofit.json"), "--params", "1e9"]) == 2
-    assert "no fit file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused by the option's check, before any work
+        plan_main(["--fit", str(tmp_path / "nofit.json"), "--params", "1e9"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--fit" in err and "does not exist" in err and "windtunnel fit --out" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_help_mentions_the_options(capsys):

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import REPO
-from helpers import tiny_overrides
+from helpers import local_sweep, tiny_overrides
 from optuna.trial import TrialState
 
 from windtunnel.sweep import Driver, load_sweep, run_sweep
@@ -174,17 +173,7 @@ def test_a_killed_job_is_retried_and_resumes_or_fails_with_the_reason(
 
 
 def test_driver_killed_mid_sweep_continues_without_duplicates(tmp_path: Path) -> None:
-    args = [
-        f"sweep.dir={tmp_path}/sweeps",
-        "launcher=local",
-        "sweep.n_trials=4",
-        "sweep.parallelism=2",
-        "sweep.pruner.kind=none",
-        "sweep.sampler.kind=random",
-        *tiny_overrides(tmp_path, "train.tokens=24576"),
-    ]
-    cmd = [sys.executable, "-m", "windtunnel", "sweep", str(REPO / "sweeps/smoke.yaml"), *args]
-    env = {**os.environ, "WINDTUNNEL_NO_PROGRESS": "1"}
+    args, cmd, env = local_sweep(tmp_path, "train.tokens=24576")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = tmp_path / "sweeps/smoke/optuna.journal"
     deadline = time.monotonic() + 180

@@ -92,6 +92,33 @@ def _hydra_errors() -> tuple[type[Exception], ...]:
     return (HydraException, OmegaConfBaseException)
 
 
+def hydra_message(e: BaseException, schema: type | None = None) -> str:
+    """Hydra's error, naming the override and what it allows: the cause's first line (the
+    value's type, the missing key) rather than "Error merging override", the keys of the section
+    for an unknown key, no search path, no "+key" advice (the schema refuses new keys)."""
+    import dataclasses
+    import re
+
+    cause = e.__cause__
+    key = re.search(r"full_key: (\S+)", str(cause)) if cause is not None else None
+    if cause is not None and key is not None:
+        first = str(cause).splitlines()[0]
+        missing = re.match(r"Key '([^']+)' not in '([^']+)'", first)
+        if missing is None:
+            return f"{key.group(1)}: {first}"
+        section: Any = schema
+        for part in key.group(1).split(".")[:-1]:  # the dataclass of the key's section
+            f = {f.name: f for f in dataclasses.fields(section)}.get(part) if section else None
+            factory = f.default_factory if f else None
+            section = factory if dataclasses.is_dataclass(factory) else None
+        valid = sorted(f.name for f in dataclasses.fields(section)) if section else []
+        where = key.group(1).rpartition(".")[0] or "the config"
+        keys = f"; the keys of {where}: {', '.join(valid)}" if valid else ""
+        return f"{key.group(1)} is not a setting (no key {missing.group(1)!r} in {where}){keys}"
+    text = str(e).split("Config search path:")[0]  # lines kept: the CLI makes them one
+    return "\n".join(x for x in text.rstrip().splitlines() if not x.strip().endswith("_schema"))
+
+
 def compose_run(overrides: Sequence[str] = ()) -> RunConfig:
     """Hydra overrides → :class:`RunConfig` (``ValueError`` with Hydra's message)."""
     from hydra import compose, initialize_config_dir
@@ -105,7 +132,7 @@ def compose_run(overrides: Sequence[str] = ()) -> RunConfig:
             cfg = compose("config", overrides=list(overrides))
         data = OmegaConf.to_container(cfg, resolve=True)
     except _hydra_errors() as e:
-        raise ValueError(f"bad config or override: {e}".strip()) from None
+        raise ValueError(f"bad config or override: {hydra_message(e, RunConfig)}") from None
     assert isinstance(data, dict)
     return from_dict(RunConfig, {str(k): v for k, v in data.items() if k != "hydra"})
 
@@ -130,7 +157,7 @@ def compose_spec(
             cfg = compose(path.stem, overrides=[search, *overrides])
         data = OmegaConf.to_container(cfg, resolve=True)
     except _hydra_errors() as e:
-        raise ValueError(f"bad {what} or override: {e}") from None
+        raise ValueError(f"bad {what} or override: {hydra_message(e, schema)}") from None
     assert isinstance(data, dict)
     return from_dict(schema, {str(k): v for k, v in data.items() if k != "hydra"})
 

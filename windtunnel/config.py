@@ -11,6 +11,7 @@ never sees a DictConfig, and this module imports neither Hydra nor OmegaConf. De
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -299,7 +300,10 @@ class FieldTypeError(ValueError):
 
 
 def _scalar(tp: type, value: Any, where: str) -> Any:
-    """``value`` as a ``tp``, converting only what is unambiguous (3 → 3.0, "3" → 3)."""
+    """``value`` as a ``tp``, converting only what is unambiguous (3 → 3.0, "3" → 3); a float
+    is finite (nan and inf are no setting's value)."""
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise FieldTypeError(where, value, "a finite float")
     if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
         return value
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -311,7 +315,7 @@ def _scalar(tp: type, value: Any, where: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             number = None
-        if number is not None and (tp is float or number.is_integer()):
+        if number is not None and math.isfinite(number) and (tp is float or number.is_integer()):
             return tp(number)
     raise FieldTypeError(where, value, tp.__name__)
 

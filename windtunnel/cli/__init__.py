@@ -4,25 +4,55 @@ configs, call the library, print. No library module imports this one.
 Commands that run things take Hydra overrides (``windtunnel train model=micro_m optim.lr=3e-3``)
 and print, as their last stdout line, one JSON object. Heavy imports (torch, mlflow) happen
 inside the commands so that ``windtunnel --help`` answers at once.
+
+Bad input is refused where it enters: every numeric and path option has a check from
+:mod:`windtunnel.cli.checks` (its range shown by ``--help``), and :func:`main` turns the library's
+user errors (``ValueError`` and its kin, see :data:`USER_ERRORS`) into one stderr line and exit 2.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from windtunnel.cli.checks import (
+    EXIT_USER_ERROR,
+    Parser,
+    count,
+    existing_path,
+    fraction,
+    one_line,
+    out_dir,
+    say,
+    tracking_uri,
+)
 from windtunnel.compose import compose_launcher, compose_run, config_groups, split_overrides
 from windtunnel.estimate import GPUS
 
-EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a pipe's reader closing early does to C programs
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,  # the library's "bad input" (ScalingError, config checks, Hydra's messages)
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ConnectionError,  # a tracking server that does not answer
+)
+"""Exceptions that mean the input (or its surroundings) is wrong: one line, exit 2. Anything else
+is a bug and keeps its traceback."""
 
 
 def groups_help() -> str:
@@ -214,12 +244,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached a sweep or tunnel driver: unwound like Ctrl-C (launchers closed, state
+    saved, the tunnel's MLflow run marked KILLED), then exit 75: rerun to resume."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (once: a second
+    SIGTERM during the unwinding ends the process at once)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from windtunnel.sweep import load_sweep, run_sweep
     from windtunnel.sweep.view import SweepView
 
     spec = load_sweep(args.spec, args.overrides)
-    summary = run_sweep(spec, view=SweepView(spec.sweep.n_trials, spec.sweep.name))
+    with stop_on_sigterm():
+        summary = run_sweep(spec, view=SweepView(spec.sweep.n_trials, spec.sweep.name))
     for number, reason in sorted(summary.failures.items()):
         print(f"trial {number} failed: {reason}", file=sys.stderr)
     emit(summary.to_json())
@@ -267,8 +319,18 @@ def _tunnel_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def cmd_tunnel(args: argparse.Namespace) -> int:
-    from windtunnel.tunnel import TunnelError, dry_run, load_tunnel, print_status, run_tunnel
+    from windtunnel.tunnel import (
+        STAGES,
+        TunnelError,
+        dry_run,
+        load_tunnel,
+        print_status,
+        run_tunnel,
+    )
 
+    unknown = [s for s in args.stage or [] if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--stage {' '.join(unknown)}: no such stage; stages: {', '.join(STAGES)}")
     name, overrides = _tunnel_args(args)
     spec = load_tunnel(name or "demo", overrides)
     if args.dry_run:
@@ -277,7 +339,8 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         emit(plan.to_json())
         return 0
     try:
-        summary = run_tunnel(spec, only=args.stage)
+        with stop_on_sigterm():
+            summary = run_tunnel(spec, only=args.stage)
     except TunnelError as e:
         print(f"windtunnel tunnel: {e}", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -337,14 +400,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens(text: str) -> int:
-    """A token count: 2000000 or 2e6."""
-    value = float(text)
-    if not value.is_integer() or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of tokens")
-    return int(value)
-
-
 DELEGATED = {
     "fit": ("windtunnel.cli.fit:fit_main", "fit scaling laws (see `windtunnel fit --help`)"),
     "plan": (
@@ -365,23 +420,20 @@ def _delegate(command: str, argv: list[str]) -> int:
 # -- parser --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="windtunnel",
         description=(
             "Model wind tunnels for LM pretraining: train tiny μP proxies with WSD decay "
             "branches, sweep them, fit scaling laws, plan the full run."
         ),
         epilog=groups_help(),
-        formatter_class=fmt,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p.commands = sub.choices  # name → its parser
 
-    def add(name: str, func: Callable, helptext: str, *first: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(
-            name, help=helptext, description=helptext, epilog=groups_help(), formatter_class=fmt
-        )
+    def add(name: str, func: Callable, helptext: str, *first: str) -> Parser:
+        sp: Parser = sub.add_parser(name, help=helptext, description=helptext, epilog=groups_help())
         for positional in first:  # positionals that come before the overrides
             if positional == "action":
                 sp.add_argument(positional, choices=["start", "stop", "status"])
@@ -413,25 +465,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--world-size",
-        type=int,
-        default=0,
+        type=count(1),
+        default=None,
         help="with --dry-run: GPUs of the run (default: train.nproc_per_node)",
     )
     tr.add_argument(
         "--mfu",
-        type=float,
+        type=fraction(closed_hi=True),
         default=None,
         help="with --dry-run: model FLOPs utilisation (default 0.40 compiled, 0.20 eager)",
     )
     add("params", cmd_params, "print parameter and FLOP counts of a model config as JSON")
     cc = add("coordcheck", cmd_coordcheck, "μP coordinate check across widths (exit 3 if unstable)")
-    cc.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    cc.add_argument("--steps", type=int, default=8)
-    cc.add_argument("--seeds", type=int, default=2)
-    cc.add_argument("--out", default=".windtunnel/coordcheck", help="folder for the plot")
+    cc.add_argument(
+        "--widths",
+        type=count(1),
+        nargs="+",
+        default=[64, 128, 256, 512],
+        help="at least 3 model widths, each a multiple of model.d_head",
+    )
+    cc.add_argument("--steps", type=count(1), default=8, help="training steps per width")
+    cc.add_argument("--seeds", type=count(1), default=2, help="seeds averaged per width")
+    cc.add_argument(
+        "--out", type=out_dir, default=Path(".windtunnel/coordcheck"), help="folder for the plot"
+    )
     b = add("bench", cmd_bench, "training throughput vs this machine's matmul peak")
-    b.add_argument("--models", nargs="+", default=["micro_s", "micro_m", "micro_l"])
-    b.add_argument("--steps", type=int, default=30)
+    b.add_argument(
+        "--models",
+        nargs="+",
+        default=["micro_s", "micro_m", "micro_l"],
+        choices=config_groups().get("model") or None,
+        metavar="MODEL",
+        help="model configs to measure (conf/model/*.yaml)",
+    )
+    b.add_argument("--steps", type=count(1), default=30, help="timed steps per model")
     b.add_argument(
         "--no-baseline", action="store_true", help="skip the plain PyTorch reference loop"
     )
@@ -445,8 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = add(
         "replay", cmd_replay, "send run journals (JSONL) to MLflow, e.g. after the server was down"
     )
-    r.add_argument("--path", default=".windtunnel/runs", help="a journal.jsonl or a folder of runs")
-    r.add_argument("--tracking-uri", default="", help="default: the local server of tracker config")
+    r.add_argument(
+        "--path",
+        type=existing_path,
+        default=Path(".windtunnel/runs"),
+        help="a journal.jsonl or a folder of runs (default: .windtunnel/runs)",
+    )
+    r.add_argument(
+        "--tracking-uri",
+        type=tracking_uri,
+        default="",
+        help="default: the local server of tracker config",
+    )
     add("server", cmd_server, "start, stop or show the local MLflow server", "action")
     t = add(
         "tunnel",
@@ -475,25 +552,37 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="examples:\n  windtunnel export .windtunnel/runs/micro_s-... --to hf exported/\n"
         "  windtunnel export conf/experiment/full.yaml --to minicpm-config full-config/",
-        formatter_class=fmt,
     )
     e.add_argument(
-        "source", metavar="RUN_DIR", help="a run folder (or, for minicpm-config, a plan)"
+        "source",
+        metavar="RUN_DIR",
+        type=existing_path,
+        help="a run folder (or, for minicpm-config, a plan)",
     )
-    e.add_argument("out", metavar="OUT", help="the folder to write (must be empty, or --force)")
+    e.add_argument(
+        "out", metavar="OUT", type=out_dir, help="the folder to write (must be empty, or --force)"
+    )
     e.add_argument("--to", default="hf", help="hf (default) or minicpm-config")
     which = e.add_mutually_exclusive_group()
     which.add_argument(
         "--point",
-        type=_tokens,
+        type=count(1),
         default=None,
         metavar="D",
-        help="the decay branch ending at D tokens",
+        help="the decay branch ending at D tokens (2000000 or 2e6)",
     )
-    which.add_argument("--checkpoint", default=None, help="any checkpoint folder (or legacy .pt)")
+    which.add_argument(
+        "--checkpoint",
+        type=existing_path,
+        default=None,
+        help="any checkpoint folder (or legacy .pt)",
+    )
     toks = e.add_mutually_exclusive_group()
     toks.add_argument(
-        "--tokenizer", default=None, help="a tokenizer.json or prepared corpus folder"
+        "--tokenizer",
+        type=existing_path,
+        default=None,
+        help="a tokenizer.json or prepared corpus folder",
     )
     toks.add_argument("--no-tokenizer", action="store_true", help="export the weights only")
     e.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
@@ -504,17 +593,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; a mistake is one line naming the command it belongs to, exit 2."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.commands.get(args.command, parser)
+        dashed = [x for x in extra if x.startswith("-") and "=" in x]
+        hint = (
+            f" (Hydra overrides take no dashes: {dashed[0].lstrip('-')})"
+            if dashed and args.command in OVERRIDES
+            else ""
+        )
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
+OVERRIDES = ("prepare", "train", "params", "coordcheck", "bench", "sweep", "replay", "server",
+             "tunnel", "status")  # fmt: skip
+"""Commands that take Hydra overrides."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``windtunnel``: the exit status. Bad input is one line on stderr and 2, never a
+    traceback; Ctrl-C is one line and 130; a reader that closes the pipe early (``| head``)
+    ends the command quietly (141); SIGTERM to a sweep or tunnel is one line and 75."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in (*OVERRIDES, "export", *DELEGATED) else ""
+    prog = f"windtunnel {command}".strip()
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except SystemExit as e:  # argparse: --help (0) or a mistake already said in one line (2)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        raise
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except Terminated:
+        say(f"{prog}: stopped by SIGTERM; what finished is kept: rerun the same command to resume")
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume" if command in ("sweep", "tunnel") else ""
+        say(f"{prog}: interrupted{resume}")
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as e:
+        say(f"{prog}: error: {one_line(str(e)) or type(e).__name__}")
+        return EXIT_USER_ERROR
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(argv[0], argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"windtunnel {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = parse(argv)
+    return int(args.func(args))
+
+
+def _stdout_to_devnull() -> None:
+    """Python's recipe for SIGPIPE: point stdout at /dev/null so that the interpreter's last
+    flush at exit does not raise again."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no real fd (tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

@@ -16,6 +16,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from windtunnel.cli.checks import (
+    Parser,
+    WrappingHelpFormatter,
+    count,
+    existing_path,
+    fraction,
+    in_range,
+    numbers,
+    out_dir,
+    out_file,
+    positive,
+    say,
+    tracking_uri,
+)
 from windtunnel.scaling.errors import ConvergenceError, InputError, ScalingError
 
 if TYPE_CHECKING:
@@ -33,8 +47,12 @@ examples:
 """
 
 
+BUDGET = in_range(0, 1e30, open_lo=True)
+"""A compute budget in FLOPs (the largest runs to date are ~1e26)."""
+
+
 def _fit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="windtunnel fit",
         description=(
             "Fit the data–model law L = E + A/N^α + B/D^β (Huber on log residuals, robust "
@@ -42,7 +60,6 @@ def _fit_parser() -> argparse.ArgumentParser:
             "parameter and the compute-optimal allocation."
         ),
         epilog=FIT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--input",
@@ -52,6 +69,7 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri",
         default=None,
+        type=tracking_uri,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else http://127.0.0.1:5055)",
     )
     p.add_argument(
@@ -73,7 +91,7 @@ def _fit_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-col", default=None, help="column holding the target values")
     g.add_argument(
         "--flops-per-param-token",
-        type=float,
+        type=positive(),
         default=6.0,
         help="k in C = k·N·D when one of C, D is derived (default 6)",
     )
@@ -81,25 +99,25 @@ def _fit_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default=None, help="keep rows whose `stage` equals this")
     s.add_argument("--query", default=None, help="pandas query to select rows, e.g. 'N > 1e7'")
     s.add_argument(
-        "--drop-highest", type=int, default=0, metavar="K", help="drop the K highest-loss rows"
+        "--drop-highest", type=count(0), default=0, metavar="K", help="drop the K highest-loss rows"
     )
     o = p.add_argument_group("fit and intervals")
-    o.add_argument("--delta", type=float, default=1e-3, help="Huber δ on log residuals")
+    o.add_argument("--delta", type=positive(), default=1e-3, help="Huber δ on log residuals")
     o.add_argument(
         "--maxiter",
-        type=int,
+        type=count(1),
         default=2000,
         metavar="N",
         help="iteration cap of each local search of the fit (default 2000; raise it when the "
         "fit stops before converging)",
     )
     o.add_argument("--reduction", choices=("mean", "sum"), default="mean", help=argparse.SUPPRESS)
-    o.add_argument("--bootstrap", type=int, default=200, metavar="N", help="refits (0: none)")
-    o.add_argument("--seed", type=int, default=0, help="bootstrap seed (recorded)")
-    o.add_argument("--level", type=float, default=0.95, help="interval mass (default 0.95)")
+    o.add_argument("--bootstrap", type=count(0), default=200, metavar="N", help="refits (0: none)")
+    o.add_argument("--seed", type=count(0), default=0, help="bootstrap seed (recorded)")
+    o.add_argument("--level", type=fraction(), default=0.95, help="interval mass (default 0.95)")
     o.add_argument(
         "--budget",
-        type=float,
+        type=BUDGET,
         action="append",
         default=None,
         metavar="FLOPS",
@@ -117,12 +135,14 @@ def _fit_parser() -> argparse.ArgumentParser:
         "point with its interval and the coverage (without this option: largest, summary only)",
     )
     bt.add_argument(
-        "--backtest-boot", type=int, default=None, metavar="N", help="bootstrap refits per fold "
+        "--backtest-boot", type=count(0), default=None, metavar="N", help="bootstrap refits per fold "
         "(default 50; 0: intervals from residual and seed noise only)"
     )  # fmt: skip
-    bt.add_argument("--backtest-level", type=float, default=0.9, help="interval mass (default 0.9)")
     bt.add_argument(
-        "--backtest-folds", type=int, default=None, metavar="K",
+        "--backtest-level", type=fraction(), default=0.9, help="interval mass (default 0.9)"
+    )
+    bt.add_argument(
+        "--backtest-folds", type=count(1), default=None, metavar="K",
         help="at most K rollout folds on long ladders (k spread evenly; default: every k)",
     )  # fmt: skip
     bs = p.add_argument_group("batch-size law (MiniCPM's iso-loss method; stored for the planner)")
@@ -136,11 +156,12 @@ def _fit_parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--batch-levels",
         default=None,
+        type=numbers(positive()),
         metavar="L1,L2,...",
         help="iso-loss levels (default: 6 levels between the curves' 30th and 5th percentiles)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--out", type=Path, default=None, help="write fit.json, points.csv and plots")
+    p.add_argument("--out", type=out_dir, default=None, help="write fit.json, points.csv and plots")
     p.add_argument(
         "--no-log-mlflow",
         action="store_true",
@@ -149,14 +170,27 @@ def _fit_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _err(msg: str) -> int:
-    print(f"windtunnel fit: error: {msg}", file=sys.stderr)
+def _err(msg: str, command: str = "fit") -> int:
+    say(f"windtunnel {command}: error: {msg}")
     return 2
+
+
+def fit_combination(args: argparse.Namespace) -> str:
+    """What is wrong with the combination of fit options ('' when nothing)."""
+    if args.batch_levels is not None and not args.batch_curves:
+        return "--batch-levels without --batch-curves: the levels cut the batch-size curves"
+    if args.backtest_folds is not None and args.backtest != "rollout":
+        return "--backtest-folds limits the folds of --backtest rollout; give that too"
+    return ""
 
 
 def fit_main(argv: list[str]) -> int:
     """Entry point of ``windtunnel fit``."""
-    args = _fit_parser().parse_args(argv)
+    parser = _fit_parser()
+    args = parser.parse_args(argv)
+    problem = fit_combination(args)
+    if problem:
+        parser.error(problem)
     from windtunnel.scaling.analyze import analyze, json_summary, write_outputs
     from windtunnel.scaling.table import is_mlflow_source, load_table
 
@@ -341,10 +375,7 @@ def _batch_law(args: argparse.Namespace) -> BatchSizeLaw:
     if curves.empty:
         raise ScalingError(f"no loss curves found in {args.batch_curves!r}")
     if args.batch_levels:
-        try:
-            levels = [float(x) for x in args.batch_levels.split(",")]
-        except ValueError:
-            raise ScalingError(f"--batch-levels wants numbers, got {args.batch_levels!r}") from None
+        levels = list(args.batch_levels)
     else:
         lo, hi = np.quantile(curves["loss"], [0.05, 0.3])
         levels = list(np.linspace(lo, hi, 6))
@@ -388,63 +419,98 @@ def _print_human(s: Mapping[str, Any], budgets: Iterable[float]) -> None:
         print(f"wrote {s['out']}/fit.json and plots")
 
 
-def _plan_parser() -> argparse.ArgumentParser:
+def _plan_parser() -> Parser:
     from windtunnel.scaling.plan import GPU_PEAK_BF16
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="windtunnel plan",
         description=(
             "Plan the full run from a fit file: MiniCPM-shaped model for N_opt, tokens, batch "
             "size from the batch-size law, μP lr, WSD schedule, predicted loss with its "
-            "interval and GPU-hours; writes a Hydra experiment config."
+            "interval and GPU-hours; writes a Hydra experiment config. Give the budget as "
+            "--budget-flops, --params, --tokens, or --params with --tokens."
         ),
         epilog="example: windtunnel plan --fit runs/fit/fit.json --budget-flops 1e21 "
         "--gpu h100 --mfu 0.4 --out conf/experiment/full.yaml",
+        formatter_class=WrappingHelpFormatter,
     )
-    p.add_argument("--fit", required=True, type=Path, help="fit.json written by windtunnel fit")
-    b = p.add_mutually_exclusive_group(required=True)
-    b.add_argument("--budget-flops", type=float, help="compute budget C (FLOPs, C = 6ND)")
-    b.add_argument("--params", type=float, help="model size N (non-embedding parameters)")
-    p.add_argument("--tokens", type=float, help="training tokens D (alone, or with --params)")
+    p.add_argument(
+        "--fit",
+        required=True,
+        type=existing_path.hinted("write one with `windtunnel fit --out DIR`"),
+        help="fit.json (or its folder) written by windtunnel fit --out",
+    )
+    p.add_argument("--budget-flops", type=BUDGET, help="compute budget C (FLOPs, C = 6ND)")
+    p.add_argument(
+        "--params", type=in_range(1, 1e15), help="model size N (non-embedding parameters)"
+    )
+    p.add_argument(
+        "--tokens", type=in_range(1, 1e18), help="training tokens D (alone, or with --params)"
+    )
     p.add_argument("--gpu", default="h100", choices=sorted(GPU_PEAK_BF16), help="GPU class")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization (0–1]")
-    p.add_argument("--seq-len", type=int, default=4096, help="training sequence length")
-    p.add_argument("--vocab-size", type=int, default=122_753, help="vocabulary (MiniCPM-2.4B's)")
-    p.add_argument("--lr", type=float, default=None, help="base lr (default: fit file, else 0.01)")
+    p.add_argument(
+        "--mfu", type=fraction(closed_hi=True), default=0.4, help="model FLOPs utilization"
+    )
+    p.add_argument("--seq-len", type=count(1, 2**20), default=4096, help="training sequence length")
+    p.add_argument(
+        "--vocab-size", type=count(1, 2**24), default=122_753, help="vocabulary (MiniCPM-2.4B's)"
+    )
+    p.add_argument(
+        "--lr",
+        type=in_range(0, 1, open_lo=True),
+        default=None,
+        help="base lr (default: fit file, else 0.01)",
+    )
     p.add_argument(
         "--batch-law",
         default=None,
+        type=numbers([positive(), in_range()], names=("K", "GAMMA")),
         metavar="K,GAMMA",
         help="batch-size law bs = K / L^GAMMA in tokens (default: fit file, else MiniCPM's)",
     )
     p.add_argument(
         "--batch-tokens",
-        type=float,
+        type=in_range(0, 1e9, open_lo=True),
         default=None,
         metavar="TOKENS",
         help="batch size in tokens per step (instead of the batch-size law)",
     )
     p.add_argument("--name", default=None, help="model name in the config")
-    p.add_argument("--out", type=Path, default=None, help="write the experiment YAML here")
+    p.add_argument("--out", type=out_file, default=None, help="write the experiment YAML here")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p
+
+
+PLAN_BUDGETS = "give --budget-flops, --params, --tokens, or --params with --tokens"
+
+
+def plan_combination(args: argparse.Namespace) -> str:
+    """What is wrong with the combination of plan options ('' when nothing): the one place
+    where options that depend on each other are checked."""
+    given = [o for o in ("budget_flops", "params", "tokens") if getattr(args, o) is not None]
+    flags = " with ".join("--" + o.replace("_", "-") for o in given)
+    if not given:
+        return f"no budget: {PLAN_BUDGETS}"
+    if "budget_flops" in given and len(given) > 1:
+        return f"{flags}: --budget-flops sets N and D itself; {PLAN_BUDGETS}"
+    if args.batch_tokens is not None and args.batch_law is not None:
+        return "--batch-tokens with --batch-law: give one (a batch, or the law that picks it)"
+    return ""
 
 
 def plan_main(argv: list[str]) -> int:
     """Entry point of ``windtunnel plan``."""
     parser = _plan_parser()
     args = parser.parse_args(argv)
+    problem = plan_combination(args)
+    if problem:
+        parser.error(problem)
     from windtunnel.scaling.plan import load_fit_file, make_plan
 
-    if args.budget_flops is None and args.params is None and args.tokens is None:
-        parser.error("one of --budget-flops, --params or --tokens is required")
     try:
         bl = None
         if args.batch_law:
-            try:
-                k, g = (float(x) for x in args.batch_law.split(","))
-            except ValueError:
-                raise ScalingError(f"--batch-law wants K,GAMMA, got {args.batch_law!r}") from None
+            k, g = args.batch_law
             bl = {"k": k, "gamma": g}
         plan = make_plan(
             load_fit_file(args.fit),
@@ -466,11 +532,9 @@ def plan_main(argv: list[str]) -> int:
             args.out.write_text(text)
             args.out.with_suffix(".plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
     except ScalingError as e:
-        print(f"windtunnel plan: error: {e}", file=sys.stderr)
-        return 2
+        return _err(str(e), "plan")
     except OSError as e:
-        print(f"windtunnel plan: error: {e}", file=sys.stderr)
-        return 2
+        return _err(f"{e.__class__.__name__}: {e}", "plan")
     for w in plan.warnings:  # one line each, on stderr: seen next to the YAML or the JSON
         print(f"WARNING: {w.line()}", file=sys.stderr)
     if args.json:

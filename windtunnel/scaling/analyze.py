@@ -93,8 +93,15 @@ def analyze(
         from windtunnel.scaling.isoflop import isoflop_profiles
 
         try:
-            extras["isoflop"] = isoflop_profiles(df, target=target)
-            diagnostics["isoflop"] = {k: v for k, v in extras["isoflop"].to_dict().items()}
+            iso = isoflop_profiles(df, target=target)
+            centred = int(iso.profiles["centred"].sum())
+            if centred < 2:  # parabolas extrapolated to their minima: no finding
+                raise ScalingError(
+                    f"not an IsoFLOP design: {centred} of {len(iso.profiles)} budgets have their "
+                    "minimum inside the sampled sizes (centred); need ≥2"
+                )
+            extras["isoflop"] = iso
+            diagnostics["isoflop"] = iso.to_dict()
         except ScalingError as e:
             diagnostics["isoflop"] = {"skipped": str(e)}
     try:

@@ -49,6 +49,10 @@ GPU_PEAK_BF16: dict[str, float] = {name: gpu.peak_flops for name, gpu in GPUS.it
 """Dense bf16 peak FLOP/s per GPU (datasheets, no sparsity), from :data:`windtunnel.estimate.GPUS`."""
 
 D_HEAD = 64
+MAX_WIDTH = 32768
+MAX_DEPTH_FACTOR = 4.0
+"""A planned model of the widest width deeper than this many times the family's depth there is
+refused: beyond ~2·10^13 parameters no MiniCPM-shaped model exists."""
 DIM_MODEL_BASE = 256
 MINICPM_BASE_LR = 0.01
 MINICPM_VOCAB = 122_753
@@ -119,7 +123,8 @@ def choose_shape(
     def shape(d: int, L: int) -> Shape:
         return _shape(d, L, d // h, d // h, vocab_size, h)
 
-    for d in range(h, 32768 + 1, h):
+    widest = MAX_WIDTH // h * h
+    for d in range(h, widest + 1, h):
         per_layer = non_embedding_params(shape(d, 1)) - d
         L_exact = (N - d) / per_layer
         if L_exact < 1:
@@ -133,6 +138,13 @@ def choose_shape(
     if not cands:
         raise InputError(f"no MiniCPM-shaped model has {N:.3g} non-embedding parameters")
     *_, d, L = min(cands)
+    too_deep = L / _family_depth(d)
+    if d == widest and too_deep > MAX_DEPTH_FACTOR:
+        raise InputError(
+            f"no MiniCPM-shaped model has {N:.3g} non-embedding parameters: at the widest width "
+            f"({d}) it would need {L} layers, {too_deep:.0f}x the family's depth; plan a smaller "
+            "model (--params, --budget-flops)"
+        )
     s = shape(d, L)
     n = non_embedding_params(s)
     unit, scale = next((u, x) for u, x in (("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)) if n >= x)
@@ -330,24 +342,41 @@ def make_plan(
     f = fit["fit"]
     law = DataModelLaw(E=f["E"], A=f["A"], B=f["B"], alpha=f["alpha"], beta=f["beta"])
     notes: list[str] = []
-    if params is not None and tokens is not None:
-        N_t, D_t = float(params), float(tokens)
-    elif budget_flops is not None:
-        al = compute_optimal(law, float(budget_flops))
-        N_t, D_t = al.N_opt, al.D_opt
-    elif params is not None:
-        al = optimal_for_params(law, float(params))
-        N_t, D_t = float(params), al.D_opt
-    else:
-        assert tokens is not None  # one of the three is given (checked above)
-        al = optimal_for_tokens(law, float(tokens))
-        N_t, D_t = al.N_opt, float(tokens)
+    try:
+        if params is not None and tokens is not None:
+            N_t, D_t = float(params), float(tokens)
+        elif budget_flops is not None:
+            al = compute_optimal(law, float(budget_flops))
+            N_t, D_t = al.N_opt, al.D_opt
+        elif params is not None:
+            al = optimal_for_params(law, float(params))
+            N_t, D_t = float(params), al.D_opt
+        else:
+            assert tokens is not None  # one of the three is given (checked above)
+            al = optimal_for_tokens(law, float(tokens))
+            N_t, D_t = al.N_opt, float(tokens)
+    except (OverflowError, ZeroDivisionError) as e:
+        raise PlanRefusedError(
+            f"the fitted law's allocation overflows at this budget ({e}); plan a budget nearer "
+            "the fitted compute"
+        ) from None
     label, shape = choose_shape(N_t, vocab_size=vocab_size, d_head=d_head)
     N = non_embedding_params(shape)
     if budget_flops is not None:
         D_t = float(budget_flops) / (6.0 * N)  # spend the budget on the shape actually chosen
+    if not D_t >= 1 or not math.isfinite(D_t):
+        raise PlanRefusedError(
+            f"the plan trains {D_t:.3g} tokens (N = {N:,}): no run; raise the budget "
+            "(--budget-flops, --tokens)"
+        )
     D = int(round(D_t))
-    loss = float(law.predict(N, D))
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, not warned about
+        loss = float(law.predict(N, D))
+    if not math.isfinite(loss):
+        raise PlanRefusedError(
+            f"the fit predicts a {fit['fit'].get('target', 'loss')} of {loss} at N = {N:.3g}, "
+            f"D = {D:.3g}: the fit file's law (E, A, B, alpha, beta) is not usable; refit"
+        )
     interval = tpp_interval = None
     if fit.get("bootstrap"):
         from windtunnel.scaling.intervals import fit_file_interval
@@ -378,6 +407,11 @@ def make_plan(
                     f"{fit['fit'].get('target')}: fit a batch-size law on the same quantity"
                 )
         bs_tokens = float(bl["k"] / loss ** bl["gamma"])
+        if not math.isfinite(bs_tokens):
+            raise PlanRefusedError(
+                f"the batch-size law {bl['k']:.3g}/L^{bl['gamma']:.3g} gives {bs_tokens} tokens "
+                "per step; set --batch-tokens or a batch-size law with a finite value"
+            )
         warnings += check_batch_law(loss, bl)
     warnings += check_batch_clamp(bs_tokens, seq_len)
     batch_size = max(1, int(round(bs_tokens / seq_len)))
@@ -387,8 +421,13 @@ def make_plan(
     if refuse and refused:
         raise PlanRefusedError("; ".join(w.line() for w in refused))
     base_lr = float(lr if lr is not None else fit.get("lr") or MINICPM_BASE_LR)
-    C_exact = float(flops_per_token(shape, seq_len) * D)
+    C_exact = float(flops_per_token(shape, seq_len)) * float(D)
     peak = GPU_PEAK_BF16[gpu.lower()]
+    if not math.isfinite(C_exact / (peak * mfu)):
+        raise PlanRefusedError(
+            f"the plan's compute ({C_exact:.3g} FLOPs at MFU {mfu:g}) is not a finite number of "
+            "GPU-hours; plan a smaller budget"
+        )
     return Plan(
         name=name or label,
         shape=shape,

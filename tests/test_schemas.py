@@ -518,3 +518,25 @@ def test_sweep_spec_versions_and_keys(tmp_path: Path, version: str, n_trials: An
     with pytest.raises(ValueError, match=match) as e:
         load_sweep(path)
     assert "\n" not in str(e.value)
+
+
+# -- a planned experiment (`windtunnel plan --out`), read by `windtunnel export` ---------------
+
+
+def test_planned_experiment_model_section_is_checked_by_key(tmp_path: Path) -> None:
+    import yaml
+
+    from windtunnel.export import ExportError, model_config_of
+
+    plan = {"stage": "full", "model": {"name": "p", "n_layers": 4, "d_model": 64}}
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert model_config_of(path).d_model == 64
+    for key, value, match in [
+        ("d_model", "wide", "model.d_model='wide'"),
+        ("colour", 1, "model.colour"),
+    ]:
+        path.write_text(yaml.safe_dump({**plan, "model": {**plan["model"], key: value}}))
+        with pytest.raises(ExportError, match=rf"^{path}: .*{match}") as e:
+            model_config_of(path)
+        assert "\n" not in str(e.value)

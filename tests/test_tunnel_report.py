@@ -501,6 +501,7 @@ def test_results_read_back_into_their_dataclasses(full: tuple[Path, dict, dict])
 
 
 def test_state_is_versioned(tmp_path: Path, full: tuple[Path, dict, dict]) -> None:
+    from windtunnel.schema import SchemaError
     from windtunnel.tunnel.runner import (
         STATE_VERSION,
         TunnelError,
@@ -522,7 +523,7 @@ def test_state_is_versioned(tmp_path: Path, full: tuple[Path, dict, dict]) -> No
     save_state(path, old)
     assert json.loads(path.read_text())["version"] == STATE_VERSION
     path.write_text(json.dumps({**state, "version": STATE_VERSION + 1}))
-    with pytest.raises(TunnelError, match=r"version-2 tunnel state.*delete .* or use a new"):
+    with pytest.raises(SchemaError, match=r"field version: a version-2 tunnel state.*delete .* or"):
         load_state(path)
     bad = json.loads(json.dumps(state))
     bad["stages"]["fit"]["result"]["chi2"] = 1.0

@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from windtunnel.distributed import World
 from windtunnel.files import atomic_write
+from windtunnel.schema import FileModel, SchemaError, load_versioned, written
 
 
 @contextmanager
@@ -53,6 +55,21 @@ FORMAT = 2
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded here (other model, unknown format, legacy on ranks)."""
+
+
+class CheckpointMetaError(CheckpointError, SchemaError):
+    """A checkpoint's ``meta.json`` this windtunnel cannot read: path, field, what to do."""
+
+
+class CheckpointMeta(FileModel):
+    """``meta.json`` of a checkpoint folder; its version is ``format`` (:data:`FORMAT`)."""
+
+    format: int
+    step: int
+    guard: list[float] = Field(min_length=2, max_length=2)
+    model_shape: dict[str, int] = Field(default_factory=dict)
+    world_size: int = 1
+    parallel: str = "none"
 
 
 def resolve(path: Path) -> Path | None:
@@ -101,7 +118,7 @@ def save(
             "world_size": world.size,
             "parallel": parallel if world.distributed else "none",
         }
-        atomic_write(partial / "meta.json", json.dumps(info, indent=1))
+        atomic_write(partial / "meta.json", json.dumps(written(CheckpointMeta, info), indent=1))
         old = path.with_name(path.name + ".old")
         if path.exists():
             if old.exists():
@@ -120,12 +137,11 @@ def read_meta(path: Path) -> dict[str, Any]:
     if found.suffix == ".pt":
         state = torch.load(found, map_location="cpu", weights_only=False)
         return {"format": 1, "step": int(state["step"]), "guard": list(state["guard"])}
-    meta: dict[str, Any] = json.loads((found / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {found} has format {meta.get('format')!r}; this windtunnel reads "
-            f"format {FORMAT}: resume it with the windtunnel that wrote it, or start over"
-        )
+    fix = "resume it with the windtunnel that wrote it, or start over (resume=false)"
+    _, meta = load_versioned(
+        found / "meta.json", {FORMAT: CheckpointMeta}, key="format", default=None,
+        what="checkpoint", fix=fix, error=CheckpointMetaError,
+    )  # fmt: skip
     return meta
 
 

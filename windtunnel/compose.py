@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+SPEC_VERSION = 1
+"""Version of the sweep and tunnel spec layouts (their optional ``version`` key; absent: 1).
+Unknown keys and mistyped values are refused by Hydra's structured configs and ``from_dict``."""
+
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 """``conf/`` of the checkout this package was installed from (``pip install -e .``)."""
 
@@ -157,9 +161,20 @@ def compose_spec(
             cfg = compose(path.stem, overrides=[search, *overrides])
         data = OmegaConf.to_container(cfg, resolve=True)
     except _hydra_errors() as e:
-        raise ValueError(f"bad {what} or override: {hydra_message(e, schema)}") from None
+        raise ValueError(f"{path}: bad {what} or override: {hydra_message(e, schema)}") from None
     assert isinstance(data, dict)
-    return from_dict(schema, {str(k): v for k, v in data.items() if k != "hydra"})
+    spec = from_dict(schema, {str(k): v for k, v in data.items() if k != "hydra"})
+    version = getattr(spec, "version", SPEC_VERSION)
+    if version != SPEC_VERSION:
+        from windtunnel.schema import SchemaError
+
+        raise SchemaError(
+            path,
+            "version",
+            f"a version-{version} {what}; this windtunnel reads version {SPEC_VERSION}",
+            "use the windtunnel that wrote it, or update the spec to this one's keys",
+        )
+    return spec
 
 
 def find_spec(path: str | Path, folder: str) -> Path:

@@ -457,7 +457,10 @@ def model_config_of(source: Path) -> ModelConfig:
         raise ExportError(f"{path} is not valid JSON/YAML: {e}".replace("\n", " ")) from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ExportError(f"{path} has no model section")
-    return from_dict(ModelConfig, data["model"], "model.")
+    try:
+        return from_dict(ModelConfig, data["model"], "model.")
+    except (TypeError, ValueError) as e:  # an unknown key, a mistyped value: name the file
+        raise ExportError(f"{path}: {e}") from None
 
 
 def export_minicpm_config(source: Path, out: Path, *, force: bool = False) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from windtunnel.engine import (
 )
 from windtunnel.files import atomic_write, lock
 from windtunnel.layout import check_fsdp, check_memory, check_world
+from windtunnel.schema import FileModel, load_versioned, model_of
 
 LN2 = math.log(2.0)
 OnEval = Callable[[int, dict[str, float]], None]
@@ -138,6 +139,51 @@ def _json_write(path: Path, obj: Any, *, fsync: bool = True) -> None:
     atomic_write(path, json.dumps(obj, indent=1, default=str), fsync=fsync)
 
 
+# -- the run folder's own files: versioned, checked when read back -------------------------------
+
+RUN_FILES_VERSION = 1
+"""Version of ``result.json``, ``identity.json``, ``initial_eval.json``, ``points/<D>.json`` and
+``ckpt/<segment>.logged.json``; files from before they had one are version 1."""
+
+
+class _Logged(FileModel):
+    version: int = 1
+    train: int
+    eval: int
+
+
+class _InitialEval(FileModel):
+    version: int = 1
+    val_loss: float
+
+
+class _Identity(FileModel):
+    """The config sections themselves are compared with this run's (:func:`check_same_run`)."""
+
+    version: int = 1
+
+
+_Point = model_of(PointResult, "PointFile", version=(int, 1))
+_Result = model_of(
+    TrainResult, "ResultFile", drop=("points",), version=(int, 1), branches=(list[_Point], ...)
+)
+
+
+def _versioned(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"version": RUN_FILES_VERSION, **obj}
+
+
+def _read_run_file(path: Path, model: type[FileModel]) -> dict[str, Any]:
+    """A run folder file checked against ``model`` (without its ``version``)."""
+    _, data = load_versioned(
+        path,
+        {RUN_FILES_VERSION: model},
+        what="run folder file",
+        fix=f"start the run over (resume=false) or give it another name=..., or delete {path}",
+    )
+    return {k: v for k, v in data.items() if k != "version"}
+
+
 def _exclusive(path: Path) -> Any:
     """Hold an exclusive lock on ``path``; wait (saying so) while another process holds it."""
     return lock(
@@ -163,7 +209,7 @@ class _Segment:
         self.logged_file = trainer.dir / "ckpt" / f"{name}.logged.json"
         self.logged = {"train": -1, "eval": -1}
         if trainer.world.main and self.logged_file.exists():
-            self.logged = json.loads(self.logged_file.read_text())
+            self.logged = _read_run_file(self.logged_file, _Logged)
 
     def log(self, step: int, metrics: dict[str, float], group: str) -> None:
         """Log once per (step, group): after a kill, resume replays the same values
@@ -175,7 +221,9 @@ class _Segment:
             metrics = {**metrics, "tokens": tokens, "flops": tokens * self.t.res.flops_per_token}
         self.run.log_metrics(metrics, step=tokens)
         self.logged[group] = step
-        _json_write(self.logged_file, self.logged, fsync=False)  # every log step: no fsync
+        _json_write(
+            self.logged_file, _versioned(self.logged), fsync=False
+        )  # every log step: no fsync
 
     def evaluate(self, step: int) -> dict[str, float]:
         t = self.t
@@ -397,15 +445,16 @@ class Trainer:
         if result.status == "finished":
             parent.finish("FINISHED")
         if self.world.main:
-            _json_write(done, result.to_json())
+            _json_write(done, _versioned(result.to_json()))
         return result
 
     def _prepare_folder(self, done: Path) -> dict[str, Any] | None:
         """Rank 0: check and set up the run folder; a finished run's result, else None."""
         if self.cfg.resume and (self.dir / "identity.json").exists():
-            check_same_run(json.loads((self.dir / "identity.json").read_text()), self.cfg, self.dir)
+            saved = _read_run_file(self.dir / "identity.json", _Identity)
+            check_same_run(saved, self.cfg, self.dir)
         if self.cfg.resume and done.exists():
-            return dict(json.loads(done.read_text()))
+            return _read_run_file(done, _Result)
         if not self.cfg.resume:  # start over: clear everything but the lock we hold
             import shutil
 
@@ -414,7 +463,7 @@ class Trainer:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         _json_write(self.dir / "config.json", {**to_dict(self.cfg), "resolved": self.res.summary()})
-        _json_write(self.dir / "identity.json", identity(self.cfg))
+        _json_write(self.dir / "identity.json", _versioned(identity(self.cfg)))
         if self.corpus.tokenizer_path is not None:  # the run's tokenizer travels with it (export)
             atomic_write(self.dir / "tokenizer.json", self.corpus.tokenizer_path.read_text())
         return None
@@ -426,11 +475,11 @@ class Trainer:
 
     def _initial_eval(self, seg: _Segment) -> float:
         path = self.dir / "initial_eval.json"
-        saved = self.world.decide(json.loads(path.read_text()) if path.exists() else None)
+        saved = self.world.decide(_read_run_file(path, _InitialEval) if path.exists() else None)
         if saved is None:
             saved = seg.evaluate(0)
             if self.world.main:
-                _json_write(path, saved)
+                _json_write(path, _versioned(saved))
         self.initial_val_loss = float(saved["val_loss"])
         return self.initial_val_loss
 
@@ -455,7 +504,7 @@ class Trainer:
             trunk.run.flush()
         for i, p in enumerate(res.points):
             saved = self.dir / "points" / f"{p.tokens}.json"
-            done = self.world.decide(json.loads(saved.read_text()) if saved.exists() else None)
+            done = self.world.decide(_read_run_file(saved, _Point) if saved.exists() else None)
             if done is not None:
                 points.append(PointResult(**done))
                 continue
@@ -478,7 +527,7 @@ class Trainer:
             point = self._finish_point(seg, i, child.run_id)
             child.finish("FINISHED")
             if self.world.main:
-                _json_write(saved, asdict(point))
+                _json_write(saved, _versioned(asdict(point)))
             points.append(point)
         return self._summary(parent, "finished", points, initial=initial)
 

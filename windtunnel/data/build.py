@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from windtunnel.config import DataConfig
-from windtunnel.data.corpus import EOT, FORMAT_VERSION, DataError, PreparedCorpus
+from windtunnel.data.corpus import EOT, FORMAT_VERSION, CorpusMeta, DataError, PreparedCorpus
 from windtunnel.data.sources import Source, domains_of, load_tokens, read_docs, resolve, validate
 from windtunnel.files import lock
+from windtunnel.schema import written
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -226,7 +227,9 @@ def _build(cfg: DataConfig, sources: list[Source], root: Path, key: dict, show: 
             "key": key,
             "prepare_seconds": round(time.perf_counter() - t0, 3),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        text = json.dumps(meta, indent=1, default=str)
+        (tmp / "meta.json").write_text(text)
+        written(CorpusMeta, json.loads(text))
         try:
             os.rename(tmp, root)
         except OSError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from windtunnel.schema import FileModel, SchemaError, load_versioned
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +24,37 @@ EOT = "<|endoftext|>"
 
 class DataError(ValueError):
     """Bad data configuration or input files; the message says how to fix it."""
+
+
+class CorpusMetaError(DataError, SchemaError):
+    """A prepared corpus's ``meta.json`` this windtunnel cannot read: path, field, what to do."""
+
+
+class SplitMeta(FileModel):
+    path: str
+    tokens: int
+    bytes: int
+
+
+class DomainMeta(FileModel):
+    name: str
+    kind: str
+    weight: float
+    train: SplitMeta
+    val: SplitMeta
+
+
+class CorpusMeta(FileModel):
+    """``meta.json`` of a prepared corpus (written by :mod:`windtunnel.data.build`); its version
+    is ``format_version``, which every corpus has had."""
+
+    format: str = "windtunnel-corpus"
+    format_version: int
+    vocab_size: int
+    dtype: str
+    eot_id: int | None
+    tokenizer: str | None
+    domains: list[DomainMeta]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,15 +97,17 @@ class PreparedCorpus:
     def load(cls, root: str | Path) -> PreparedCorpus:
         """Open an existing prepared corpus (weights are those it was prepared with)."""
         root = Path(root)
-        try:
-            meta = json.loads((root / "meta.json").read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{root} is not a prepared corpus (meta.json: {e})") from e
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(
-                f"{root} has corpus format {meta.get('format_version')}, this windtunnel reads "
-                f"{FORMAT_VERSION}: prepare it again"
-            )
+        if not (root / "meta.json").is_file():
+            raise DataError(f"{root} is not a prepared corpus (no meta.json)")
+        _, meta = load_versioned(
+            root / "meta.json",
+            {FORMAT_VERSION: CorpusMeta},
+            what="prepared corpus",
+            fix="prepare it again (delete the folder; the next run prepares it)",
+            key="format_version",
+            default=None,
+            error=CorpusMetaError,
+        )
         doms = tuple(
             DomainInfo(
                 name=d["name"],

@@ -9,20 +9,93 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from windtunnel.scaling.allocation import compute_optimal, minicpm_closed_form
 from windtunnel.scaling.bootstrap import bootstrap_points
 from windtunnel.scaling.errors import ScalingError
 from windtunnel.scaling.fit import DataModelFit, fit_data_model
+from windtunnel.scaling.intervals import NOISE_FLOOR
+from windtunnel.schema import FileModel, written
 
 FIT_FILE_KIND = "windtunnel.scaling.fit"
 FIT_FILE_VERSION = 2
 """2: ``data_range`` records the fitted N, D, compute, tokens per parameter and target ranges,
 and a batch-size law its ``loss_range`` (what the planner's checks read); 1 had N, D, C only."""
+
+# -- the fit file's schema: what the planner reads (other fields are kept, not checked) ----------
+
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class FitLaw(FileModel):
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    form: str = "chinchilla"
+    target: str = "loss"
+    warnings: list[str] = Field(default_factory=list)
+
+
+class FitBootstrap(FileModel):
+    seed: int
+    n_boot: int
+    n_failed: int
+    level: float
+    budgets: list[float] = Field(default_factory=list)
+    seconds: float = 0.0
+    samples: list[Annotated[list[float | None], Field(min_length=5, max_length=5)]]
+
+
+class FitNoise(FileModel):
+    residuals: list[float | None] = Field(default_factory=list)
+    seed_sd: float = 0.0
+    seed_dof: int = 0
+    floor: float = NOISE_FLOOR
+
+
+class FitBatchLaw(FileModel):
+    k: float
+    gamma: float
+    loss_range: Range | None = None
+
+
+class FitDataRange(FileModel):
+    N: Range
+    D: Range
+    C: Range
+    tokens_per_param: Range
+
+
+class FitFileV1(FileModel):
+    """Version 1: no ``data_range`` (the planner takes it from ``points.csv`` when it can)."""
+
+    kind: Literal["windtunnel.scaling.fit"]
+    version: int = 1
+    source: str = ""
+    fit: FitLaw
+    bootstrap: FitBootstrap | None = None
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+    noise: FitNoise | None = None
+    batch_size_law: FitBatchLaw | None = None
+    data_range: dict[str, Range] | None = None
+    lr: float | None = None
+
+
+class FitFileV2(FitFileV1):
+    """Version 2: the fitted ranges, required."""
+
+    data_range: FitDataRange  # type: ignore[assignment]
+
+
+FIT_FILE_MODELS: dict[int, type[FitFileV1]] = {1: FitFileV1, 2: FitFileV2}
+"""Each fit-file version this windtunnel reads, and its model."""
 
 
 def _jsonable(x: Any) -> Any:
@@ -199,7 +272,7 @@ def write_outputs(
     from windtunnel.scaling import plots
 
     paths = [out / "fit.json", out / "points.csv"]
-    paths[0].write_text(json.dumps(fit_file, indent=1))
+    paths[0].write_text(json.dumps(written(FIT_FILE_MODELS[FIT_FILE_VERSION], fit_file), indent=1))
     df.to_csv(paths[1], index=False)
     if "C" in df.columns:
         paths.append(plots.loss_vs_compute(df, fit, out, target=target))

@@ -7,6 +7,8 @@ traceback and callers can catch one type.
 
 from __future__ import annotations
 
+from windtunnel.schema import SchemaError
+
 
 class ScalingError(ValueError):
     """Base class of all scaling-law input and fit errors."""
@@ -14,6 +16,11 @@ class ScalingError(ValueError):
 
 class InputError(ScalingError):
     """The table lacks a column, or an option names something that does not exist."""
+
+
+class FitFileError(InputError, SchemaError):
+    """A fit file this windtunnel cannot read (a version, a field): the path, the field, what
+    to do."""
 
 
 class TooFewPointsError(ScalingError):

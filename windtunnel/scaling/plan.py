@@ -14,7 +14,6 @@ JSON, the CLI's ``WARNING:`` lines, the tunnel's report), or a refusal
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from windtunnel.scaling.allocation import (
 )
 from windtunnel.scaling.batch_lr import MINICPM_BATCH_LAW
 from windtunnel.scaling.bootstrap import BootstrapResult
-from windtunnel.scaling.errors import InputError, PlanRefusedError
+from windtunnel.scaling.errors import FitFileError, InputError, PlanRefusedError
 from windtunnel.scaling.laws import DataModelLaw
 from windtunnel.scaling.plancheck import (
     PlanWarning,
@@ -263,30 +262,25 @@ class Plan:
         return "\n".join(head) + "\n" + body
 
 
-FIT_FILE_VERSIONS = (1, 2)
-"""Fit-file versions this planner reads (2 records the fitted ranges; 1 is upgraded)."""
-
-
 def load_fit_file(path: str | Path) -> dict[str, Any]:
-    """A fit file (``fit.json`` or its folder); a version-1 file gets the fitted ranges from the
-    ``points.csv`` next to it when there is one (else the plan warns that it cannot check)."""
+    """A fit file (``fit.json`` or its folder), checked against its version's model
+    (:data:`~windtunnel.scaling.analyze.FIT_FILE_MODELS`); a version-1 file gets the fitted
+    ranges from the ``points.csv`` next to it when there is one (else the plan warns that it
+    cannot check)."""
+    from windtunnel.scaling.analyze import FIT_FILE_KIND, FIT_FILE_MODELS
+    from windtunnel.schema import check_versioned, read_json
+
     p = Path(path)
     if p.is_dir():
         p = p / "fit.json"
     if not p.exists():
         raise InputError(f"no fit file at {p}; run `windtunnel fit --out DIR` first")
-    try:
-        data: dict[str, Any] = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{p} is not a fit file (invalid JSON: {e})") from None
-    if not isinstance(data, dict) or data.get("kind") != "windtunnel.scaling.fit":
-        raise InputError(f"{p} is not a windtunnel fit file")
-    version = data.get("version", 1)
-    if version not in FIT_FILE_VERSIONS:
-        raise InputError(
-            f"{p} is a version-{version} fit file; this windtunnel reads versions "
-            f"{', '.join(map(str, FIT_FILE_VERSIONS))}: refit with `windtunnel fit` or upgrade"
-        )
+    fix = "refit with `windtunnel fit --out DIR` (or use the windtunnel that wrote it)"
+    data = read_json(p, what="fit file", fix=fix, error=FitFileError)
+    if not isinstance(data, dict) or data.get("kind") != FIT_FILE_KIND:
+        kind = data.get("kind") if isinstance(data, dict) else None
+        raise FitFileError(p, "kind", f"{kind!r}: not a windtunnel fit file", fix)
+    check_versioned(data, FIT_FILE_MODELS, path=p, what="fit file", fix=fix, error=FitFileError)
     span = data.get("data_range") or {}
     points = p.parent / "points.csv"
     if not span.get("tokens_per_param") and points.is_file():

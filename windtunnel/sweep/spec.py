@@ -138,6 +138,8 @@ class SweepSpec:
     launcher: Any = field(default_factory=lambda: {"name": "local"})
     """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
+    version: int = 1
+    """The spec layout's version (:data:`windtunnel.compose.SPEC_VERSION`); may be left out."""
 
     def __post_init__(self) -> None:
         self.launcher = launcher_options(self.launcher)

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from windtunnel.files import atomic_write
+from windtunnel.schema import FileModel, load_versioned
 from windtunnel.tracking.api import RestClient, RestError, kv
 from windtunnel.tracking.server import is_healthy
 
@@ -79,6 +82,23 @@ def is_transient(exc: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+class SyncTarget(FileModel):
+    offset: int = 0
+    current: str | None = None
+    runs: dict[str, str] = Field(default_factory=dict)
+    experiment_ids: dict[str, str] = Field(default_factory=dict)
+
+
+class SyncedFile(FileModel):
+    """``journal.synced``: per tracking URI, how much of the journal it has received."""
+
+    version: int = 1
+    targets: dict[str, SyncTarget]
+
+
+SYNCED_VERSION = 1
+
+
 @dataclass
 class SyncState:
     """How much of one journal one tracking URI has received."""
@@ -96,15 +116,21 @@ class SyncState:
     def load(cls, journal: Path, uri: str) -> SyncState:
         path = journal.with_name(SYNCED_NAME)
         state = cls(path=path, uri=uri)
-        try:
-            target = json.loads(path.read_text())["targets"].get(uri)
-        except (OSError, ValueError, KeyError, TypeError):
-            target = None
+        if not path.is_file():
+            return state
+        # refused rather than resent from the start: MLflow would get every point twice
+        synced, _ = load_versioned(
+            path,
+            {SYNCED_VERSION: SyncedFile},
+            what="journal delivery record",
+            fix="delete it to send the whole journal again (MLflow may then hold points twice)",
+        )
+        target = synced.targets.get(uri)
         if target:
-            state.offset = int(target.get("offset", 0))
-            state.current = target.get("current")
-            state.runs = dict(target.get("runs", {}))
-            state.experiment_ids = dict(target.get("experiment_ids", {}))
+            state.offset = target.offset
+            state.current = target.current
+            state.runs = dict(target.runs)
+            state.experiment_ids = dict(target.experiment_ids)
         return state
 
     def save(self) -> None:
@@ -112,7 +138,7 @@ class SyncState:
             doc = json.loads(self.path.read_text())
             assert isinstance(doc["targets"], dict)
         except (OSError, ValueError, KeyError, TypeError):
-            doc = {"version": 1, "targets": {}}
+            doc = {"version": SYNCED_VERSION, "targets": {}}
         doc["targets"][self.uri] = {
             "offset": self.offset,
             "current": self.current,

@@ -32,13 +32,18 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from windtunnel.files import LockHeld, acquire
+from windtunnel.schema import FileModel, SchemaError, check_versioned, field_name, problem_text
 
 log = logging.getLogger("windtunnel.tracking")
 
 JOURNAL_NAME = "journal.jsonl"
+JOURNAL_VERSION = 1
+"""Version of the events' layout, in each ``start`` event (journals from before: version 1)."""
 LOCK_NAME = "journal.lock"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 _NAME_RE = re.compile(r"^[/\w.\- :]*$")
@@ -114,13 +119,96 @@ def _json_safe(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# the events' schema
+# ----------------------------------------------------------------------------------------------
+
+
+class _Event(FileModel):
+    t: int = 0
+
+
+class StartEvent(_Event):
+    ev: Literal["start"]
+    version: int = 1
+    run_id: str
+    name: str | None = None
+    experiment: str | None = None
+    run_dir: str | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    parent: str | None = None
+    parent_journal: str | None = None
+
+
+class ResumeEvent(_Event):
+    ev: Literal["resume"]
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class MetricsEvent(_Event):
+    ev: Literal["metrics"]
+    step: int
+    values: dict[str, float]
+
+
+class TagsEvent(_Event):
+    ev: Literal["tags"]
+    tags: dict[str, str]
+
+
+class DictEvent(_Event):
+    ev: Literal["dict"]
+    file: str
+    obj: Any
+
+
+class ArtifactEvent(_Event):
+    ev: Literal["artifact"]
+    path: str
+
+
+class FinishEvent(_Event):
+    ev: Literal["finish"]
+    status: str
+    error: str | None = None
+
+
+_EVENT = TypeAdapter(
+    Annotated[
+        StartEvent | ResumeEvent | MetricsEvent | TagsEvent | DictEvent | ArtifactEvent
+        | FinishEvent,
+        Field(discriminator="ev"),
+    ]
+)  # fmt: skip
+_FIX = "the journal was written by another windtunnel: replay it with that one, or remove the run"
+
+
+def check_event(event: Any, path: Path, start: int) -> None:
+    """One journal line against the events' schema; :class:`SchemaError` names the journal, the
+    line's byte offset and the field."""
+    where = f"{path} (line at byte {start})"
+    if isinstance(event, dict) and event.get("ev") == "start":
+        check_versioned(event, {JOURNAL_VERSION: StartEvent}, path=where, what="journal", fix=_FIX)
+        return
+    try:
+        _EVENT.validate_python(event)
+    except ValidationError as e:
+        err = e.errors()[0]
+        tagged = err["type"] not in ("union_tag_invalid", "union_tag_not_found")
+        field = field_name(err["loc"][1:]) if tagged else "ev"
+        problem = f"{problem_text(err)} (this windtunnel reads journal version {JOURNAL_VERSION})"
+        raise SchemaError(where, field, problem, _FIX) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
 
 
 def iter_events(path: Path, offset: int = 0) -> Iterator[tuple[dict[str, Any], int]]:
     """``(event, end_offset)`` for every complete line from byte ``offset`` on; a torn or
-    corrupt line (a process killed mid-write) is skipped with a warning."""
+    corrupt line (a process killed mid-write) is skipped with a warning, a complete event this
+    windtunnel cannot read (another version, a mistyped field) is refused (:func:`check_event`)."""
     with open(path, "rb") as f:
         f.seek(offset)
         pos = offset
@@ -136,6 +224,7 @@ def iter_events(path: Path, offset: int = 0) -> Iterator[tuple[dict[str, Any], i
                 log.warning("journal %s: skipping a corrupt line ending at byte %d", path, pos)
                 continue
             if isinstance(event, dict) and "ev" in event:
+                check_event(event, path, pos - len(raw))
                 yield event, pos
 
 
@@ -225,6 +314,7 @@ class JournalRun:
             self.start_event = {
                 "ev": "start",
                 "t": now_ms(),
+                "version": JOURNAL_VERSION,
                 "run_id": "",
                 "name": name,
                 "experiment": experiment,

@@ -18,9 +18,12 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from windtunnel.files import LockHeld, acquire, atomic_write
+from windtunnel.schema import FileModel, load_versioned, written
 from windtunnel.tunnel.spec import TunnelSpec
 from windtunnel.tunnel.stage import Context, PureStage, Stage, TunnelError, say
 from windtunnel.tunnel.stages import NAMES, STAGES
@@ -38,17 +41,35 @@ def state_path(tf: TunnelSpec) -> Path:
     return tf.folder / "state.json"
 
 
+class StageState(FileModel):
+    status: Literal["running", "done", "failed", "skipped"]
+    key: str | None = None
+    seconds: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class StateFile(FileModel):
+    """``state.json``'s schema (each stage's ``result`` is checked by its stage's ``load``)."""
+
+    version: int = 1
+    tunnel: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, str] = Field(default_factory=dict)
+    stages: dict[str, StageState]
+
+
 def load_state(path: Path) -> dict[str, Any]:
-    """``state.json`` as saved (a new state if there is none); another version is refused."""
+    """``state.json`` as saved (a new state if there is none); another version, or a field
+    this windtunnel cannot read, is refused (:class:`~windtunnel.schema.SchemaError`)."""
     if not path.is_file():
         return {"version": STATE_VERSION, "stages": {}}
-    state = json.loads(path.read_text())
-    version = state.setdefault("version", 1)  # unversioned files: version 1's layout
-    if version != STATE_VERSION:
-        raise TunnelError(
-            f"{path} is a version-{version} tunnel state; this windtunnel reads version "
-            f"{STATE_VERSION}: delete {path.parent} or use a new tunnel.name"
-        )
+    _, state = load_versioned(
+        path,
+        {STATE_VERSION: StateFile},
+        what="tunnel state",
+        fix=f"delete {path.parent} or use a new tunnel.name",
+    )
+    state.setdefault("version", 1)  # unversioned files: version 1's layout
     return state
 
 
@@ -68,7 +89,9 @@ def check_results(state: dict[str, Any], path: Path) -> None:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     state["version"] = STATE_VERSION
-    atomic_write(path, json.dumps(state, indent=1, default=str))
+    text = json.dumps(state, indent=1, default=str)
+    written(StateFile, json.loads(text))
+    atomic_write(path, text)
 
 
 @contextlib.contextmanager

@@ -131,6 +131,8 @@ class TunnelSpec:
     """`LauncherOptions` of the chosen backend; composed by Hydra as a plain dict, typed here."""
     run: list[str] = field(default_factory=list)
     """Command-line run overrides (appended after ``tunnel.run``)."""
+    version: int = 1
+    """The spec layout's version (:data:`windtunnel.compose.SPEC_VERSION`); may be left out."""
 
     def __post_init__(self) -> None:
         self.launcher = launcher_options(self.launcher)

@@ -319,7 +319,7 @@ def test_report_of_the_real_tunnel(tunnel_run) -> None:
     sections = _md_sections(md)
     for stage, line in headlines.items():
         assert re.search(
-            rf"^\| {stage} \| done \| [^|]+ \| {re.escape(_md_cell(line))} \|$", md, re.M
+            rf"^\| {stage} \| done \| [^|]+ \| [^|]+ \| {re.escape(_md_cell(line))} \|$", md, re.M
         )
         assert html.escape(line) in page, stage
     # a section per stage's result, none missing
@@ -332,6 +332,7 @@ def test_report_of_the_real_tunnel(tunnel_run) -> None:
         "Compute-optimal ratio",
         "Planned full run",
         "Back-test",
+        "Forward check of the plan",
         "Ladder points",
     ]
     assert list(sections) == titles
@@ -358,6 +359,11 @@ def test_report_of_the_real_tunnel(tunnel_run) -> None:
     worst = max(abs(float(e)) for e in errors)
     assert f"max |error| {worst:.2f}%" in headlines["backtest"]
     assert "Target met" in sections["Back-test"] or "Target not met" in sections["Back-test"]
+    # verify: the planned run's own result file, against the prediction
+    (run,) = (folder / "sweeps/verify/runs").glob("*/result.json")
+    observed = json.loads(run.read_text())["branches"][-1]["val_bpb"]
+    assert f"| 0 | {observed:.4f} |" in sections["Forward check of the plan"]
+    assert f"bpb {observed:.4f} vs predicted" in headlines["verify"]
 
     # the μP optimum: its overrides are what the later stages trained with
     mup = sections["μP optimum"]

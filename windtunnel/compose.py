@@ -161,7 +161,8 @@ def compose_spec(
             cfg = compose(path.stem, overrides=[search, *overrides])
         data = OmegaConf.to_container(cfg, resolve=True)
     except _hydra_errors() as e:
-        raise ValueError(f"{path}: bad {what} or override: {hydra_message(e, schema)}") from None
+        message = f"{path}: bad {what} or override: {hydra_message(e, schema)}"
+        raise ValueError(" ".join(message.split())) from None  # one line
     assert isinstance(data, dict)
     spec = from_dict(schema, {str(k): v for k, v in data.items() if k != "hydra"})
     version = getattr(spec, "version", SPEC_VERSION)

@@ -248,12 +248,14 @@ class RunConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "", *, finite: bool = True) -> T:
     """Plain dict (parsed YAML/JSON, or a composed Hydra config as a container) → dataclass.
 
     The one way windtunnel turns data into its typed configs: nested dataclasses, lists and
     dicts of them, tuples and optionals follow the field annotations; an unknown key or a
-    required one left missing is a ``ValueError`` naming it. Pure: no Hydra, no OmegaConf.
+    required one left missing is a ``ValueError`` naming it. A float setting is finite (nan and
+    inf are no setting's value); results read back (``finite=False``) may hold nan, "not
+    measured". Pure: no Hydra, no OmegaConf.
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
@@ -265,29 +267,34 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
             f"valid keys of {where.rstrip('.') or cls.__name__}: {', '.join(sorted(names))}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _value(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    kwargs = {
+        name: _value(hints[name], value, f"{where}{name}", finite) for name, value in data.items()
+    }
     return cls(**kwargs)
 
 
-def _value(tp: Any, value: Any, where: str) -> Any:
+def _value(tp: Any, value: Any, where: str, finite: bool = True) -> Any:
     if isinstance(value, str) and value == MISSING:
         raise ValueError(f"config key {where} is required but missing")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if value is None:
         return None
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else from_dict(tp, value or {}, f"{where}.")  # type: ignore[arg-type]
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value or {}, f"{where}.", finite=finite)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _value(inner[0], value, where) if len(inner) == 1 else value
+        return _value(inner[0], value, where, finite) if len(inner) == 1 else value
     if origin is list:
-        return [_value(args[0], v, f"{where}[]") for v in value] if args else list(value)
+        return [_value(args[0], v, f"{where}[]", finite) for v in value] if args else list(value)
     if origin is tuple:
-        return tuple(_value(args[0], v, f"{where}[]") for v in value) if args else tuple(value)
+        items = (_value(args[0], v, f"{where}[]", finite) for v in value)
+        return tuple(items) if args else tuple(value)
     if origin is dict:
-        return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _value(args[1], v, f"{where}.{k}", finite) for k, v in value.items()}
     if tp in (int, float, bool, str):
-        return _scalar(tp, value, where)
+        return _scalar(tp, value, where, finite)
     return value
 
 
@@ -299,10 +306,10 @@ class FieldTypeError(ValueError):
         super().__init__(f"{key}={value!r}: expected {expected}")
 
 
-def _scalar(tp: type, value: Any, where: str) -> Any:
+def _scalar(tp: type, value: Any, where: str, finite: bool = True) -> Any:
     """``value`` as a ``tp``, converting only what is unambiguous (3 → 3.0, "3" → 3); a float
     is finite (nan and inf are no setting's value)."""
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
+    if finite and tp is float and isinstance(value, float) and not math.isfinite(value):
         raise FieldTypeError(where, value, "a finite float")
     if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
         return value

@@ -137,7 +137,7 @@ class Stage(ABC, Generic[R]):
 
     def load(self, data: Mapping[str, Any]) -> R:
         """Its result as saved in ``state.json`` → the dataclass (``ValueError`` if it is not)."""
-        return from_dict(self.result_type, data, f"{self.name}.result.")
+        return from_dict(self.result_type, data, f"{self.name}.result.", finite=False)
 
     def dump(self, result: R) -> dict[str, Any]:
         return dataclasses.asdict(result)  # type: ignore[call-overload]

@@ -220,6 +220,25 @@ def test_fit_file_versions(tmp_path: Path, fit_file: dict[str, Any], version: An
         assert "refit with `windtunnel fit" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("alpha", -0.3, "greater than 0"),
+        ("beta", 0.0, "greater than 0"),
+        ("E", -1.0, "greater than or equal to 0"),
+        ("A", float("inf"), "finite number"),
+    ],
+)
+def test_a_law_without_its_terms_is_refused(
+    tmp_path: Path, fit_file: dict, field: str, value: float, problem: str
+) -> None:
+    """A hand-edited law with a negative exponent or E has no allocation: refused by field,
+    before the planner divides by it."""
+    bad = {**fit_file, "fit": {**fit_file["fit"], field: value}}
+    with pytest.raises(SchemaError, match=rf"field fit.{field}: input should be .*{problem}"):
+        _plan_or_refuse(tmp_path, bad, ("fit", field))
+
+
 def test_version_1_fit_file_without_ranges_is_read(tmp_path: Path, fit_file: dict) -> None:
     old = {k: v for k, v in fit_file.items() if k != "data_range"}
     old["version"] = 1

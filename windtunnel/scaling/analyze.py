@@ -32,12 +32,18 @@ and a batch-size law its ``loss_range`` (what the planner's checks read); 1 had 
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
 
 
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class FitLaw(FileModel):
-    E: float
-    A: float
-    B: float
-    alpha: float
-    beta: float
+    """The law L = E + A/N^α + B/D^β: finite, E ≥ 0, every other parameter > 0 (a law with a
+    zero or negative exponent has no size or data term: no allocation, no plan)."""
+
+    E: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    A: Positive
+    B: Positive
+    alpha: Positive
+    beta: Positive
     form: str = "chinchilla"
     target: str = "loss"
     warnings: list[str] = Field(default_factory=list)

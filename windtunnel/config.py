@@ -280,7 +280,7 @@ def _value(tp: Any, value: Any, where: str, finite: bool = True) -> Any:
     if value is None:
         return None
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+        if isinstance(value, tp):  # type: ignore[arg-type]
             return value
         return from_dict(tp, value or {}, f"{where}.", finite=finite)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):

@@ -123,9 +123,12 @@ class Driver:
         return self.spec.launcher.name in ("local", "inline")
 
     def _threads(self) -> int:
+        """torch threads per trial: ``sweep.threads_per_trial``, else on this machine its cores
+        shared by the trials that run at once (a sweep of one trial gets them all)."""
         threads = self.s.threads_per_trial
         if not threads and self.local:
-            threads = max(1, (os.cpu_count() or 1) // self.s.parallelism)
+            at_once = max(1, min(self.s.parallelism, self.n_target))
+            threads = max(1, (os.cpu_count() or 1) // at_once)
         return threads
 
     def _job(self, trial_id: int, number: int, params: dict[str, Any]) -> OptunaTrial:

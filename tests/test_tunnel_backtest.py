@@ -37,7 +37,7 @@ def _ladder(sizes: int, *, repeats: int = 1, noise: float = 0.004) -> pd.DataFra
     """``sizes`` model sizes × 3 decay branches (× ``repeats`` seeds), as the ladder stage keeps."""
     parts = [
         synthetic_points(LAW, np.geomspace(2e5, 2e7, sizes), MULTS, noise=noise, seed=s).assign(
-            seed=s
+            seed=s, N_head=0.0, N_total=0.0
         )
         for s in range(repeats)
     ]

@@ -243,3 +243,35 @@ def test_the_plan_uses_the_proxies_base_width() -> None:
     assert p.hydra_config()["model"]["dim_model_base"] == 64
     assert p.width_multiplier == p.shape.d_model / 64
     assert "dim_model_base: 64\n" in p.to_yaml()  # an int: `+experiment=` composes it
+
+
+def test_parameter_conventions_are_back_tested_and_the_best_named() -> None:
+    """A ladder whose loss follows the law in total parameters (the tied head counted): the
+    back-test with total N beats non-embedding N, and the report says so."""
+    from windtunnel.scaling.backtest import backtest
+    from windtunnel.tunnel.stages.backtest import BacktestResult, _conventions_blocks, conventions
+
+    widths = np.array([16, 32, 48, 64, 96])
+    N = np.array([6e3, 2.4e4, 8e4, 1.9e5, 4.4e5])
+    rows = []
+    for n, d in zip(N, widths, strict=True):
+        for m in (20, 40, 80):
+            total = n + 1024 * d
+            rows.append({"N": n, "D": m * n, "N_head": total, "N_total": total})
+    df = pd.DataFrame(rows)
+    df["C"] = 6 * df["N"] * df["D"]
+    rng = np.random.default_rng(0)
+    df["bpb"] = LAW.predict(df["N_total"], df["D"]) * np.exp(0.002 * rng.standard_normal(len(df)))
+
+    def run(frame: pd.DataFrame) -> Any:
+        return backtest(frame, target="bpb", mode="rollout", n_boot=10, seed=0)
+
+    got = conventions(df, run(df), run)
+    assert [c["convention"] for c in got] == ["non-embedding", "non-embedding + head (= total)"]
+    assert got[1]["mean"] < got[0]["mean"] and got[0]["n"] == got[1]["n"] == 9  # 6 + 3
+    text = " ".join(
+        b
+        for b in _conventions_blocks(BacktestResult(max_abs_rel_error=0.0, conventions=got))
+        if isinstance(b, str)
+    )
+    assert "Best back-test: non-embedding + head (= total)" in text

@@ -21,6 +21,8 @@ from windtunnel.tunnel.stage import Context, PureStage
 from windtunnel.tunnel.stages import ladder
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
 
     from windtunnel.scaling.backtest import BacktestResult as Backtested
@@ -75,6 +77,9 @@ class BacktestResult:
     """Why the mode run differs from the one asked for (too few sizes for a rollout)."""
     skipped: str = ""
     """Why there is no back-test at all."""
+    conventions: list[dict[str, Any]] = field(default_factory=list)
+    """The same back-test with N counted by each parameter convention (non-embedding, plus the
+    head, total): convention, n, coverage, mean and max |error| (or ``skipped``: why)."""
 
 
 def _clean(x: Any) -> Any:
@@ -311,9 +316,9 @@ class Backtest(PureStage[BacktestResult]):
         t, s = ctx.tf.tunnel, self.settings(ctx.tf)
         df = ladder.points(ctx)
 
-        def run(mode: str) -> Backtested:
+        def run(mode: str, frame: pd.DataFrame = df) -> Backtested:
             return backtest(
-                df,
+                frame,
                 target=t.fit.target,
                 mode=mode,
                 n_boot=DEFAULT_BOOT,
@@ -344,7 +349,7 @@ class Backtest(PureStage[BacktestResult]):
                 skipped=str(e),
             )
         plot = plots.backtest_intervals(bt, ctx.plots(), target=t.fit.target)
-        return from_backtest(
+        result = from_backtest(
             bt,
             df,
             target=t.fit.target,
@@ -352,6 +357,8 @@ class Backtest(PureStage[BacktestResult]):
             plots=[str(plot)],
             fallback=fallback,
         )
+        result.conventions = conventions(df, bt, lambda frame: run(bt.mode, frame))
+        return result
 
     def headline(self, r: BacktestResult) -> str:
         if r.skipped:
@@ -437,9 +444,78 @@ class Backtest(PureStage[BacktestResult]):
         if r.noise:
             out.append(_noise_sentence(r))
         out += _fold_notes(r)
+        out += _conventions_blocks(r)
         out.append(backtest_verdict(r))
         out += images(r.plots, "back-test")
         return out
+
+
+CONVENTIONS = (("non-embedding", "N"), ("non-embedding + head", "N_head"), ("total", "N_total"))
+"""How N is counted: MiniCPM's and Kaplan's non-embedding parameters, plus the output head, or
+every parameter (Chinchilla's); at small sizes the embedding is a large share of the model and
+the conventions give different laws (Pearce & Song 2024)."""
+
+
+def conventions(
+    df: pd.DataFrame, bt: Backtested, run_on: Callable[[pd.DataFrame], Backtested]
+) -> list[dict[str, Any]]:
+    """The back-test ``bt`` (N non-embedding) and the same back-test with N counted by each
+    other convention the ladder recorded; conventions equal to an earlier one (the total of a
+    model whose head is tied to its embedding is N + head) are merged into its name."""
+    import numpy as np
+
+    from windtunnel.scaling.errors import ScalingError
+
+    def row(name: str, b: Backtested) -> dict[str, Any]:
+        return _clean(
+            {
+                "convention": name,
+                "n": len(b.table),
+                "coverage": b.coverage,
+                "mean": b.mean_abs_error,
+                "max": b.max_abs_error,
+            }
+        )
+
+    rows, seen = [row(CONVENTIONS[0][0], bt)], [df["N"].to_numpy(float)]
+    for name, col in CONVENTIONS[1:]:
+        if col not in df or not (df[col] > 0).all():
+            continue
+        x = df[col].to_numpy(float)
+        same = next((i for i, y in enumerate(seen) if np.allclose(x, y)), None)
+        if same is not None:
+            rows[same]["convention"] += f" (= {name})"
+            continue
+        seen.append(x)
+        try:
+            rows.append(row(name, run_on(df.assign(N=x))))
+        except ScalingError as e:
+            rows.append({"convention": name, "skipped": str(e)})
+            seen.pop()
+    return rows if len(rows) > 1 else []
+
+
+def _conventions_blocks(r: BacktestResult) -> list[Block]:
+    ok = [c for c in r.conventions if not c.get("skipped") and c.get("mean") is not None]
+    if not ok:
+        return []
+    best = min(ok, key=lambda c: c["mean"])
+    rows = [
+        [
+            c["convention"],
+            str(c.get("n", "—")),
+            pct(c["coverage"]) if c.get("coverage") is not None else "—",
+            pct(c["mean"]) if c.get("mean") is not None else "—",
+            pct(c["max"]) if c.get("max") is not None else c.get("skipped", "—"),
+        ]
+        for c in r.conventions
+    ]
+    return [
+        "The same back-test with N counted by each parameter convention (the fit and the plan "
+        "use non-embedding N, MiniCPM's):",
+        ("table", ["N counts", "points", "coverage", "mean abs. error", "max abs. error"], rows),
+        f"Best back-test: {best['convention']} (mean |error| {pct(best['mean'])}).",
+    ]
 
 
 def _fold_notes(r: BacktestResult) -> list[Block]:

@@ -30,6 +30,11 @@ class LadderPoint:
     run_id: str | None = None
     seed: int = 0
     """``train.seed`` of the run (init and data order): repeats measure the noise floor."""
+    N_head: float = 0.0
+    """Non-embedding parameters plus the output head's (vocab × d_model, tied or not); 0: not
+    recorded (results from before)."""
+    N_total: float = 0.0
+    """Every parameter (the embedding once when tied to the head); 0: not recorded."""
 
 
 @dataclass(kw_only=True)
@@ -45,6 +50,14 @@ class LadderResult(SweepResult):
 
 
 POINT_COLUMNS = [f.name for f in LadderPoint.__dataclass_fields__.values()]
+
+
+def _head_params(cfg: dict[str, Any]) -> tuple[float, bool]:
+    """The output head's parameters (vocab × d_model) and whether the embedding is a second
+    matrix (untied); (0, False) when the config does not say (the conventions then equal N)."""
+    m = cfg.get("model") or {}
+    vocab = m.get("vocab_size") or (cfg.get("data") or {}).get("vocab_size") or 0
+    return float(vocab) * float(m.get("d_model") or 0), not m.get("tie_embeddings", True)
 
 
 def with_seeds(spec: SweepSpec, k: int) -> SweepSpec:
@@ -64,6 +77,7 @@ def ladder_points(trials: list[dict[str, Any]]) -> pd.DataFrame:
     for t in finished(trials):
         model = t["config"]["model"]["name"]
         seed = int((t["config"].get("train") or {}).get("seed", 0))
+        head, untied = _head_params(t["config"])
         for b in t["result"]["branches"]:
             rows.append(
                 {
@@ -75,6 +89,8 @@ def ladder_points(trials: list[dict[str, Any]]) -> pd.DataFrame:
                     "bpb": float(b["val_bpb"]),
                     "run_id": b["run_id"],
                     "seed": seed,
+                    "N_head": float(b["N"]) + head,
+                    "N_total": float(b["N"]) + head * (2 if untied else 1),
                 }
             )
     return pd.DataFrame(rows, columns=POINT_COLUMNS)

@@ -133,8 +133,11 @@ class Verify(AfterSearch[VerifyResult]):
         )
 
     def estimate(self, tf: TunnelSpec, peak_flops: float, mfu: float) -> StageEstimate:
-        """The planned run is known only after the fit: counted at the plan's budget."""
-        k, budget = self.settings(tf).seeds, tf.tunnel.plan.budget_flops
+        """The planned run is known only after the fit: counted at the plan's budget (6ND when
+        the plan fixes both N and D)."""
+        p = tf.tunnel.plan
+        k = self.settings(tf).seeds
+        budget = 6.0 * p.params * p.tokens if p.params and p.tokens else p.budget_flops
         hours = budget / (peak_flops * mfu) / 3600.0
         return StageEstimate(
             stage=self.name,

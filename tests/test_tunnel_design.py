@@ -238,8 +238,12 @@ def test_the_plan_uses_the_proxies_base_width() -> None:
         batch_tokens=256,
         mup={"dim_model_base": 64},
         d_head=16,
+        schedule={"kind": "wsd", "decay": "linear", "decay_fraction": 0.1, "warmup_fraction": 0.02},
     )
     assert p.shape.d_head == 16 and abs(p.N / 4e4 - 1) < 0.1  # the proxies' family, near N
+    # the proxies' schedule (what the law describes), and the batch's source said truly
+    assert p.hydra_config()["schedule"]["decay"] == "linear"
+    assert "tokens/step from the caller (--batch-tokens)" in p.to_yaml()
     assert p.hydra_config()["model"]["dim_model_base"] == 64
     assert p.width_multiplier == p.shape.d_model / 64
     assert "dim_model_base: 64\n" in p.to_yaml()  # an int: `+experiment=` composes it

@@ -333,7 +333,10 @@ def transfer_verdict(
         if not agree:
             missing.append("the optima disagree beyond their intervals")
         if abs(slope) > SLOPE_TOL:
-            missing.append(f"|slope| {abs(slope):.2f} > {SLOPE_TOL:g}")
+            missing.append(
+                f"|slope| {abs(slope):.3f} is above the tolerance {SLOPE_TOL:g} of a stable "
+                "optimum, but its interval includes 0"
+            )
         if ci[0] > 0 or ci[1] < 0:
             missing.append("the slope's interval excludes 0 (a small drift)")
         if (ci[1] - ci[0]) / 2 > SLOPE_CI_MAX:

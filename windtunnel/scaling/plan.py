@@ -183,6 +183,11 @@ class Plan:
     tokens_per_param_interval: tuple[float, float] | None = None
     """Bootstrap interval of the compute-optimal D/N at the plan's compute (None: no bootstrap,
     or N and D were both given)."""
+    batch_source: str = "the batch-size law"
+    """Where the batch came from (the fit's batch-size law, MiniCPM's, or the caller)."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """The proxies' lr schedule (the law describes runs trained with it); empty: MiniCPM's WSD
+    with an exponential decay over the last 10%."""
 
     @property
     def refused(self) -> bool:
@@ -222,7 +227,8 @@ class Plan:
             },
             "data": {"seq_len": self.seq_len},
             "optim": {"lr": self.lr, "batch_size": self.batch_size},
-            "schedule": {
+            "schedule": dict(self.schedule)
+            or {
                 "kind": "wsd",
                 "warmup_tokens": int(min(0.01 * self.D, 2000 * self.batch_size * self.seq_len))
                 if steps > 100
@@ -250,7 +256,7 @@ class Plan:
             f" D = {self.D:,} tokens ({self.tokens_per_param:.1f} tokens/param)",
             f"# C = 6ND = {self.C_6ND:.3e} FLOPs; exact count {self.C_exact:.3e}",
             f"# predicted final {self.target}: {self.loss:.4f}, interval {lo_hi}",
-            f"# batch: {self.batch_tokens:.3g} tokens/step from the batch-size law"
+            f"# batch: {self.batch_tokens:.3g} tokens/step from {self.batch_source}"
             f" → {self.batch_size} × {self.seq_len}",
             f"# μP: base lr {self.lr:g}, width multiplier m = {self.width_multiplier:g}"
             " (hidden matrices get lr/m in the trainer)",
@@ -311,14 +317,15 @@ def make_plan(
     name: str | None = None,
     mup: dict[str, float] | None = None,
     d_head: int = D_HEAD,
+    schedule: dict[str, Any] | None = None,
     refuse: bool = True,
 ) -> Plan:
     """Plan the full run from a loaded fit file (see :func:`load_fit_file`).
 
     ``batch_tokens`` sets the batch (tokens per step) instead of the batch-size law; ``mup``
     holds the proxies' μP settings (``dim_model_base`` included: the width multiplier is taken
-    from it) and ``d_head`` their head size (the planned model's widths are multiples of it). The plan is
-    checked against the fit's ranges (:mod:`~windtunnel.scaling.plancheck`); a plan the checks
+    from it), ``d_head`` their head size (the planned model's widths are multiples of it) and
+    ``schedule`` their lr schedule (the run the law describes). The plan is checked against the fit's ranges (:mod:`~windtunnel.scaling.plancheck`); a plan the checks
     refuse raises :class:`PlanRefusedError`, or with ``refuse=False`` is returned with the
     refusal among its warnings (``Plan.refused``), for a report to show.
     """
@@ -385,13 +392,16 @@ def make_plan(
     warnings += check_extrapolation(N, D, fit.get("data_range"))
     warnings += check_tokens_per_param(N, D, fit.get("data_range"))
     warnings += check_intervals(loss, interval, tpp_interval)
+    batch_source = "the batch-size law"
     if batch_tokens is not None:
         bs_tokens = float(batch_tokens)
+        batch_source = "the caller (--batch-tokens)"
         notes.append(f"batch size set by the caller ({bs_tokens:.3g} tokens per step)")
     else:
         bl = batch_law or fit.get("batch_size_law")
         if not bl:
             bl = MINICPM_BATCH_LAW
+            batch_source = "MiniCPM's batch-size law"
             notes.append(
                 "batch size from MiniCPM's law 1.21e9/L^6.24 (no batch-size law in the fit)"
             )
@@ -447,4 +457,6 @@ def make_plan(
         warnings=warnings,
         steps=int(D // (batch_size * seq_len)),
         tokens_per_param_interval=tpp_interval,
+        batch_source=batch_source,
+        schedule=dict(schedule or {}),
     )

@@ -95,7 +95,7 @@ def _law(r: FitResult) -> list[Block]:
         (
             "table",
             ["parameter", "estimate", f"{level} interval"],
-            [[k, num(s[k]), iv(ivs.get(k))] for k in PARAMS],
+            [[k, num(s[k]), param_interval(ivs.get(k))] for k in PARAMS],
         ),
         f"The compute-optimal allocation at C = {alloc['C']:.3g} FLOPs:",
         (
@@ -116,6 +116,14 @@ def _law(r: FitResult) -> list[Block]:
     if s.get("warnings"):
         out += ["Fit warnings:", ("list", list(s["warnings"]))]
     return out + images(r.plots, "fit")
+
+
+def param_interval(interval: Any) -> str:
+    """A parameter's bootstrap interval; one of zero width is a parameter every refit put at
+    its bound (E at 0): not identified, and said so rather than shown as certain."""
+    if interval and len(interval) == 2 and interval[1] - interval[0] <= 1e-9 * abs(interval[1]):
+        return "none: at its bound in every refit (not identified)"
+    return iv(interval)
 
 
 def extrapolation(s: dict[str, Any]) -> float:

@@ -47,6 +47,8 @@ class LadderResult(SweepResult):
     """The proxies' μP base width (0: unknown, results from before it was kept)."""
     d_head: int = 0
     """The proxies' head size (0: unknown): the planned model keeps it."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """The proxies' lr schedule (empty: unknown): the planned run keeps it."""
 
 
 POINT_COLUMNS = [f.name for f in LadderPoint.__dataclass_fields__.values()]
@@ -153,16 +155,22 @@ class Ladder(AfterSearch[LadderResult]):
         ]
 
 
-def family(trials: list[dict[str, Any]]) -> dict[str, int]:
-    """The proxies' μP base width and head size (what the planned model keeps)."""
-    model = next((t["config"]["model"] for t in finished(trials)), {})
-    return {k: int(model.get(k) or 0) for k in ("dim_model_base", "d_head")}
+def family(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The proxies' μP base width, head size and lr schedule (what the planned run keeps)."""
+    cfg = next((t["config"] for t in finished(trials)), {})
+    model = cfg.get("model") or {}
+    return {
+        **{k: int(model.get(k) or 0) for k in ("dim_model_base", "d_head")},
+        "schedule": dict(cfg.get("schedule") or {}),
+    }
 
 
-def proxy_family(ctx: Context) -> dict[str, int]:
-    """``family`` of the finished ladder (zeros when unknown)."""
+def proxy_family(ctx: Context) -> dict[str, Any]:
+    """``family`` of the finished ladder (empty when unknown)."""
     r = ctx.result(STAGE)
-    return {"dim_model_base": r.dim_model_base, "d_head": r.d_head} if r else {}
+    if r is None:
+        return {}
+    return {"dim_model_base": r.dim_model_base, "d_head": r.d_head, "schedule": r.schedule}
 
 
 def noise_sentence(r: LadderResult) -> str:

@@ -59,6 +59,7 @@ class PlanFullRun(PureStage[PlanResult]):
             batch_tokens=p.batch_tokens or None,
             mup=mup,
             **({"d_head": proxies["d_head"]} if proxies.get("d_head") else {}),
+            schedule=proxies.get("schedule") or None,
             name=f"{ctx.tf.tunnel.name}_full",
         )
         out = ctx.folder / "plan"
@@ -80,7 +81,7 @@ class PlanFullRun(PureStage[PlanResult]):
             )
         line = (
             f"{size(r.N)} params × {size(r.D)} tokens, predicted {r.target} "
-            f"{r.loss:.3f}, {r.gpu_hours:,.0f} {r.gpu.upper()}-hours"
+            f"{r.loss:.3f}, {hours(r.gpu_hours)} {r.gpu.upper()}-hours"
         )
         codes = [w.code for w in r.warnings] + [
             "extrapolation"
@@ -120,7 +121,7 @@ class PlanFullRun(PureStage[PlanResult]):
             [f"predicted {r.target}", f"{loss(r.loss)}, interval {iv(r.loss_interval, loss)}"],
             ["batch", f"{r.batch_size} × {r.seq_len} = {size(r.batch_tokens)} tokens"],
             ["compute", f"{r.C_6ND:.3g} FLOPs (6ND)"],
-            ["cost", f"{r.gpu_hours:,.0f} {r.gpu.upper()}-hours at {r.mfu:.0%} MFU"],
+            ["cost", f"{hours(r.gpu_hours)} {r.gpu.upper()}-hours at {r.mfu:.0%} MFU"],
         ]
         out: list[Block] = [("table", ["", "planned full run"], rows)]
         if r.warnings:
@@ -132,6 +133,11 @@ class PlanFullRun(PureStage[PlanResult]):
         if r.notes:
             out += ["Planner notes:", ("list", list(r.notes))]
         return [*out, f"Experiment config ({r.config}):", ("code", r.yaml, "yaml")]
+
+
+def hours(h: float) -> str:
+    """GPU-hours as people read them: ``7,150``, ``0.8``, ``< 0.01``."""
+    return f"{h:,.0f}" if h >= 10 else f"{h:.2g}" if h >= 0.01 else "< 0.01"
 
 
 STAGE = PlanFullRun()

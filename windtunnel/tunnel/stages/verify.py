@@ -2,8 +2,9 @@
 prediction and interval (DESIGN §9). At paper scale the planned run is the full run; a CPU
 tunnel plans for a budget within its reach so that it can train it (``tunnels/demo.yaml``).
 
-The run takes the plan's model, tokens, batch and lr, and the tunnel's schedule, data and μP
-settings (the ones the ladder was trained with: the law describes runs trained that way). Its
+The run is the plan's experiment config: its model, tokens, batch, lr and schedule (the plan
+keeps the ladder's schedule and μP settings: the law describes runs trained that way), on the
+tunnel's data. Its
 loss is compared with the prediction at the (N, D) it actually trained, with the same kind of
 interval as every back-test point (parameters, lack of fit, seed noise) at the back-test's level,
 so it counts as one more held-out point — the first one the tunnel chose itself.
@@ -65,7 +66,7 @@ class VerifyResult(SweepResult):
 
 def plan_overrides(p: plan.PlanResult) -> list[str]:
     """The planned run as run overrides: its model (vocabulary from the tunnel's tokenizer),
-    sequence length, batch, lr and tokens; no decay branches (one point, at the plan's D)."""
+    sequence length, batch, lr, schedule and tokens; no decay branches (one point, at D)."""
     cfg = p.hydra_config()
     model = {k: v for k, v in cfg["model"].items() if k != "vocab_size"}
     return [
@@ -73,6 +74,7 @@ def plan_overrides(p: plan.PlanResult) -> list[str]:
         "model.vocab_size=0",
         as_override("data.seq_len", cfg["data"]["seq_len"]),
         *(as_override(f"optim.{k}", v) for k, v in cfg["optim"].items()),
+        *(as_override(f"schedule.{k}", v) for k, v in cfg["schedule"].items()),
         as_override("train.tokens", int(cfg["train"]["tokens"])),
         "train.branch_tokens=[]",
         "train.branch_tokens_per_param=[]",

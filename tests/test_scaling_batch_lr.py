@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from windtunnel.scaling import TooFewPointsError
+from windtunnel.scaling import ScalingError, TooFewPointsError
 from windtunnel.scaling.batch_lr import (
     DEEPSEEK_BATCH,
     DEEPSEEK_LR,
@@ -40,6 +40,14 @@ def test_iso_loss_method_recovers_minicpm_batch_law():
     assert law.k == pytest.approx(k, rel=0.05)
     assert law(3.0) == pytest.approx(k / 3.0**g, rel=0.01)
     assert law.points["centred"].all()
+
+
+def test_a_batch_that_shrinks_as_the_loss_falls_is_not_a_law():
+    """Optima with γ < 0 (as one size's curves can give): refused with the reason, never
+    reported as a law or used by the planner."""
+    curves = _curves(200.0, -3.0, np.geomspace(2**4, 2**12, 9))
+    with pytest.raises(ScalingError, match=r"shrinks as the loss falls"):
+        batch_size_law_iso_loss(curves, [2.6, 2.8, 3.0, 3.3, 3.6], group_col=None)
 
 
 def test_iso_loss_needs_three_batch_sizes():

@@ -17,7 +17,7 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from windtunnel.scaling.errors import InputError, TooFewPointsError
+from windtunnel.scaling.errors import InputError, ScalingError, TooFewPointsError
 from windtunnel.scaling.isoflop import fit_power_law
 from windtunnel.scaling.laws import PowerLaw
 
@@ -131,6 +131,13 @@ def batch_size_law_iso_loss(curves: pd.DataFrame, levels: Any, **kwargs: Any) ->
             "batch sizes that reach it, with a minimum in tokens)"
         )
     law = fit_batch_size_law(pts["level"], pts["bs_opt"])
+    if not law.gamma > 0:
+        raise ScalingError(
+            f"the iso-loss optima give bs_opt ∝ L^{-law.gamma:.3g}, a batch that shrinks as the "
+            f"loss falls ({len(pts)} optima over losses {pts['level'].min():.3g}–"
+            f"{pts['level'].max():.3g}): not a batch-size law; the levels are too close or "
+            "reached by too few sizes — add sizes or batch sizes, or longer runs"
+        )
     return BatchSizeLaw(k=law.k, gamma=law.gamma, points=pts)
 
 

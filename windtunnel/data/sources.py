@@ -18,7 +18,7 @@ import numpy as np
 from windtunnel.config import DataConfig, DomainSource
 from windtunnel.data.corpus import EOT, DataError
 
-KINDS = ("shakespeare", "python_stdlib", "files", "tokens")
+KINDS = ("shakespeare", "python_stdlib", "python_packages", "files", "tokens")
 TEXT_EXTS = (".txt", ".md", ".jsonl", ".parquet")
 TOKEN_EXTS = (".npy", ".bin")
 MIN_VOCAB = 257  # 256 bytes + <|endoftext|>
@@ -65,10 +65,13 @@ def validate(cfg: DataConfig, doms: list[DomainSource]) -> None:
             raise DataError(f"{where}: domain names must be unique")
         if d.kind not in KINDS:
             raise DataError(f"{where}: unknown kind {d.kind!r}; kinds are {', '.join(KINDS)}")
-        if d.kind in ("files", "tokens") and not d.paths:
-            raise DataError(f"{where}: kind {d.kind!r} needs paths (files or globs)")
-        if d.kind not in ("files", "tokens") and d.paths:
-            raise DataError(f"{where}: paths are only read by kinds 'files' and 'tokens'")
+        if d.kind in ("files", "tokens", "python_packages") and not d.paths:
+            what = "distribution names" if d.kind == "python_packages" else "files or globs"
+            raise DataError(f"{where}: kind {d.kind!r} needs paths ({what})")
+        if d.kind in ("shakespeare", "python_stdlib") and d.paths:
+            raise DataError(
+                f"{where}: paths are only read by kinds 'files', 'tokens' and 'python_packages'"
+            )
         if not (math.isfinite(d.weight) and d.weight >= 0) or d.max_bytes < 0:
             raise DataError(f"{where}: weight and max_bytes must be finite and >= 0")
     if sum(d.weight for d in doms) <= 0:
@@ -141,8 +144,38 @@ def resolve(dom: DomainSource) -> Source:
         files.sort(key=lambda f: f.relative_to(root).as_posix())
         fp = [sys.version, [[f.relative_to(root).as_posix(), f.stat().st_size] for f in files]]
         return Source(dom, files, fp)
+    if dom.kind == "python_packages":
+        return _packages(dom)
     files = _expand(dom, TEXT_EXTS if dom.kind == "files" else TOKEN_EXTS)
     fp = [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+    return Source(dom, files, fp)
+
+
+def _packages(dom: DomainSource) -> Source:
+    """The ``.py`` files of installed distributions (their tests left out), in a fixed order:
+    offline code text whose content is fixed by the pinned versions (constraints.txt)."""
+    import importlib.metadata
+
+    files: list[Path] = []
+    fp: list[Any] = []
+    for name in dom.paths:
+        try:
+            dist = importlib.metadata.distribution(str(name))
+        except importlib.metadata.PackageNotFoundError:
+            raise DataError(
+                f"domain {dom.name!r}: package {name!r} is not installed in this Python "
+                f"({sys.executable}); pip install it or remove it from the domain's paths"
+            ) from None
+        mine = sorted(
+            (f for f in dist.files or [] if f.suffix == ".py" and not _STDLIB_SKIP & set(f.parts)),
+            key=lambda f: f.as_posix(),
+        )
+        pairs = [(f, Path(str(dist.locate_file(f)))) for f in mine]
+        pairs = [(f, p) for f, p in pairs if p.is_file()]
+        if not pairs:
+            raise DataError(f"domain {dom.name!r}: package {name!r} has no .py files to read")
+        files += [p for _, p in pairs]
+        fp.append([str(name), dist.version, [[f.as_posix(), p.stat().st_size] for f, p in pairs]])
     return Source(dom, files, fp)
 
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_fidelity.py                # every ladder found, markdown
     .venv/bin/python benchmarks/bench_fidelity.py --n-boot 100 --json out.json
+    .venv/bin/python benchmarks/bench_fidelity.py --points \
+        .windtunnel/tunnels/long_ladder/ladder_points.csv --n-col N_total  # a tunnel's ladder
 
 For each ladder: fit the data–model law on the k smallest model sizes and predict every point of
 every larger size, for every k ≥ 3 (``--max-folds`` caps the folds of long ladders, k spread
@@ -23,6 +25,10 @@ absent or unusable):
   tokens = N, not 28×20·N, and are left out.
 - ``li-misfitting``: Li et al. 2025, final checkpoints, the best loss over peak learning rates
   and sweeps at each (N, D).
+- ``--points CSV``: a windtunnel ladder's ``ladder_points.csv`` (e.g. ``tunnels/long_ladder.yaml``,
+  the CPU ladder whose largest held-out size sits at 16× the largest fitted compute), its target
+  ``--target`` (bpb) and parameter convention ``--n-col`` (N, N_head or N_total); seed repeats
+  stay separate points and give the noise floor.
 """
 
 from __future__ import annotations
@@ -124,6 +130,23 @@ def _at(s: dict[str, object], key: str, stat: str) -> float | None:
     return v.get(stat) if v.get("n") else None  # type: ignore[no-any-return,union-attr]
 
 
+def tunnel_points(path: Path, target: str, n_col: str) -> Callable[[], pd.DataFrame]:
+    def load() -> pd.DataFrame:
+        if not path.exists():
+            raise Unusable(f"{path} absent (run the tunnel first)")
+        d = pd.read_csv(path)
+        _need(d, ["N", "D", target, n_col], str(path))
+        if not (d[n_col] > 0).all():
+            raise Unusable(f"{path}: column {n_col} is not recorded for every point")
+        out = pd.DataFrame({"N": d[n_col], "D": d["D"], "loss": d[target]})
+        out["C"] = 6 * out["N"] * out["D"]
+        if "seed" in d.columns:
+            out["seed"] = d["seed"]
+        return out
+
+    return load
+
+
 def run_one(name: str, load: Callable[[], pd.DataFrame], args: argparse.Namespace) -> dict:
     d = load()
     bt = backtest(d, mode="rollout", n_boot=args.n_boot, seed=args.seed, max_folds=args.max_folds)
@@ -181,11 +204,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", action="append", default=None, help="ladder name (repeatable)")
     ap.add_argument("--json", type=Path, default=None, help="also write every result here")
+    ap.add_argument("--points", type=Path, action="append", default=[], help="a ladder_points.csv")
+    ap.add_argument("--target", default="bpb", help="column of --points to fit (bpb or loss)")
+    ap.add_argument("--n-col", default="N", choices=["N", "N_head", "N_total"], help="N convention")
     args = ap.parse_args()
     results, skipped = [], []
     t0 = time.perf_counter()
-    for name, load in LADDERS.items():
-        if args.only and name not in args.only:
+    ladders = dict(LADDERS)
+    for p in args.points:
+        ladders[f"{p.parent.name}-{args.target}-{args.n_col}"] = tunnel_points(
+            p, args.target, args.n_col
+        )
+    for name, load in ladders.items():
+        if args.only and name not in args.only and name in LADDERS:
             continue
         try:
             results.append(run_one(name, load, args))

@@ -23,6 +23,7 @@ from windtunnel.tunnel.stages.backtest import (
     STAGE,
     BacktestResult,
     backtest_verdict,
+    bias_sentence,
     binomial_range,
 )
 from windtunnel.tunnel.stages.ladder import POINT_COLUMNS, LadderPoint, LadderResult
@@ -243,6 +244,28 @@ def test_verdict_judges_the_points_at_10x(rollout: tuple[Path, BacktestResult]) 
     assert f"no held-out point reaches 10× the fitted compute (the farthest is {farthest:.1f}×" in (
         backtest_verdict(near)
     )
+
+
+def test_one_sided_errors_are_called_a_bias(rollout: tuple[Path, BacktestResult]) -> None:
+    """Held-out errors of one sign beyond the noise band are the law's bias (what the long CPU
+    ladder showed: every point predicted high), said in words; mixed signs, too few points or
+    errors inside the noise band say nothing."""
+    tmp, r = rollout
+    base = r.points[0]
+
+    def with_errors(errs: list[float], sd: float = 0.002) -> BacktestResult:
+        pts = [{**base, "rel_error": e} for e in errs]
+        return dataclasses.replace(r, points=pts, noise={**r.noise, "sd": sd})
+
+    high = bias_sentence(with_errors([0.05, 0.08, 0.12, 0.2, -0.01]))
+    assert high.startswith("Systematic: 4 of the 5 held-out points beyond the noise band are ")
+    assert "predicted too high (mean error +8.80%)" in high and "smaller batches" in high
+    low = bias_sentence(with_errors([-0.03, -0.04, -0.05, -0.06]))
+    assert "4 of the 4" in low and "predicted too low (mean error -4.50%)" in low
+    assert bias_sentence(with_errors([0.05, -0.05, 0.04, -0.04, 0.03])) == ""  # mixed
+    assert bias_sentence(with_errors([0.05, 0.06, 0.07])) == ""  # too few to tell
+    assert bias_sentence(with_errors([0.02, 0.03, 0.025, 0.02], sd=0.02)) == ""  # within noise
+    assert "Systematic: 4 of the 4 held-out points" in _report(tmp, with_errors([0.05] * 4))
 
 
 def test_binomial_range() -> None:

@@ -246,6 +246,41 @@ def _coverage(r: BacktestResult, level: float) -> str:
     return text
 
 
+def bias_sentence(r: BacktestResult, share: float = 0.8) -> str:
+    """A plain sentence when the held-out errors beyond the noise band are one-sided (at least
+    ``share`` of them, and at least 4): a bias of the law, which intervals built from the same
+    law's bootstrap and noise cannot contain; "" otherwise."""
+    band = 1.645 * float((r.noise or {}).get("sd", 0.0))
+    errs = [float(p["rel_error"]) for p in r.points if abs(float(p["rel_error"])) > band]
+    if len(errs) < 4:
+        return ""
+    high = sum(e > 0 for e in errs)
+    if max(high, len(errs) - high) < share * len(errs):
+        return ""
+    mean = sum(errs) / len(errs)
+    if high > len(errs) - high:
+        what = (
+            f"predicted too high (mean error {mean:+.2%}): the larger sizes gain more than the "
+            "law fitted on the smaller ones allows. Usual causes: small rungs off the larger "
+            "ones' trend (too few optimizer steps for their batch, too shallow or narrow, mostly "
+            "embedding); give them smaller batches, drop the smallest, or count N another way "
+            "(the conventions below)"
+        )
+    else:
+        what = (
+            f"predicted too low (mean error {mean:+.2%}): the larger sizes gain less than the "
+            "law fitted on the smaller ones promises. Usual causes: the large rungs' lr or batch "
+            "off their optimum, repeated data at the largest rungs, or a floor (E) the small "
+            "rungs cannot see"
+        )
+    n_beyond = "" if band == 0 else " beyond the noise band"
+    return (
+        f"Systematic: {max(high, len(errs) - high)} of the {len(errs)} held-out points{n_beyond} "
+        f"are {what}. A bias of the law is not noise: the intervals (bootstrap refits of the same "
+        "law plus noise) cannot contain it, and more points of the same sizes will not fix it."
+    )
+
+
 def _noise_sentence(r: BacktestResult) -> str:
     nz = r.noise
     sd = float(nz["sd"])
@@ -432,6 +467,8 @@ class Backtest(PureStage[BacktestResult]):
         )
         if r.level is not None and r.points:
             out.append(_coverage(r, r.level))
+        if bias := bias_sentence(r):
+            out.append(bias)
         if r.buckets:
             out.append(
                 table(

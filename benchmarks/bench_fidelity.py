@@ -26,7 +26,7 @@ absent or unusable):
 - ``li-misfitting``: Li et al. 2025, final checkpoints, the best loss over peak learning rates
   and sweeps at each (N, D).
 - ``--points CSV``: a windtunnel ladder's ``ladder_points.csv`` (e.g. ``tunnels/long_ladder.yaml``,
-  the CPU ladder whose largest held-out size sits at 16× the largest fitted compute), its target
+  the CPU ladder whose largest held-out points sit 13–31× beyond the largest fitted compute), its target
   ``--target`` (bpb) and parameter convention ``--n-col`` (N, N_head or N_total); seed repeats
   stay separate points and give the noise floor.
 """

@@ -250,12 +250,11 @@ def bias_sentence(r: BacktestResult, share: float = 0.8) -> str:
     """A plain sentence when the held-out errors beyond the noise band are one-sided (at least
     ``share`` of them, and at least 4): a bias of the law, which intervals built from the same
     law's bootstrap and noise cannot contain; "" otherwise."""
-    band = 1.645 * float((r.noise or {}).get("sd", 0.0))
+    band = _noise_band(r)
     errs = [float(p["rel_error"]) for p in r.points if abs(float(p["rel_error"])) > band]
-    if len(errs) < 4:
-        return ""
     high = sum(e > 0 for e in errs)
-    if max(high, len(errs) - high) < share * len(errs):
+    one_sided = max(high, len(errs) - high)
+    if len(errs) < 4 or one_sided < share * len(errs):
         return ""
     mean = sum(errs) / len(errs)
     if high > len(errs) - high:
@@ -273,18 +272,23 @@ def bias_sentence(r: BacktestResult, share: float = 0.8) -> str:
             "off their optimum, repeated data at the largest rungs, or a floor (E) the small "
             "rungs cannot see"
         )
-    n_beyond = "" if band == 0 else " beyond the noise band"
+    beyond = " beyond the noise band" if band else ""
     return (
-        f"Systematic: {max(high, len(errs) - high)} of the {len(errs)} held-out points{n_beyond} "
+        f"Systematic: {one_sided} of the {len(errs)} held-out points{beyond} "
         f"are {what}. A bias of the law is not noise: the intervals (bootstrap refits of the same "
         "law plus noise) cannot contain it, and more points of the same sizes will not fix it."
     )
 
 
+def _noise_band(r: BacktestResult) -> float:
+    """±90% of the noise floor: errors inside it cannot be told from noise (0: not measured)."""
+    return 1.645 * float((r.noise or {}).get("sd", 0.0))
+
+
 def _noise_sentence(r: BacktestResult) -> str:
     nz = r.noise
     sd = float(nz["sd"])
-    band = 1.645 * sd
+    band = _noise_band(r)
     if nz["source"] == "seed":
         what = (
             f"the seed noise of the ladder's repeated points: σ = {pct(sd)} "
